@@ -1,0 +1,194 @@
+// kvc/core/concepts.hpp — the six policy roles of KvCache, as C++20 concepts.
+//
+// Each role is the conjunction of small named concepts, so that a custom policy missing
+// a piece gets a compiler error naming that piece ("constraints not satisfied:
+// kvc::ScoresTokens<MyScorer>") rather than a wall of template noise. docs/concepts.md
+// explains each requirement; tests/core/concepts.cpp checks an archetype of every role.
+//
+// A policy is a small value type with the members below — no base class, no virtuals.
+#pragma once
+
+#include <kvc/core/element.hpp>
+#include <kvc/core/events.hpp>
+
+#include <concepts>
+#include <cstddef>
+#include <span>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace kvc {
+
+// ---------------------------------------------------------------------------------------
+// Shared pieces.
+
+// Every policy names itself (stats, errors and recipes print it).
+template <class P>
+concept NamedPolicy = requires {
+  { P::name() } -> std::convertible_to<std::string_view>;
+};
+
+// Per (sequence, layer, kv head) state the cache stores for the policy and copies on fork.
+template <class P>
+concept HasHeadState = std::default_initializable<typename P::HeadState> &&
+                       std::copyable<typename P::HeadState>;
+
+// Optional: report the heap bytes a HeadState holds, so stats() can count them.
+template <class P>
+concept ReportsStateBytes = requires(const P& policy, const typename P::HeadState& state) {
+  { policy.state_bytes(state) } -> std::convertible_to<std::size_t>;
+};
+
+// ---------------------------------------------------------------------------------------
+// Eviction scorer: which tokens survive.
+
+template <class S>
+concept DeclaresEviction = requires {
+  { S::evicts } -> std::convertible_to<bool>;
+};
+
+template <class S>
+concept TracksAppends = requires(S& scorer, typename S::HeadState& state, const AppendEvent& e) {
+  scorer.on_append(state, e);
+};
+
+// Writes one score per stored token; the cache keeps the `budget` highest
+// (ties: the newer token). +inf marks a token that must stay.
+template <class S>
+concept ScoresTokens = requires(S& scorer, const typename S::HeadState& state,
+                                const ScoreContext& context, std::span<float> scores) {
+  scorer.score(state, context, scores);
+};
+
+// After eviction, `kept` lists the surviving slots (ascending, old storage order).
+template <class S>
+concept CompactsState = requires(S& scorer, typename S::HeadState& state,
+                                 std::span<const std::uint32_t> kept) {
+  scorer.on_compact(state, kept);
+};
+
+// Optional: the scorer wants the attention weights attend() computes (H2O, TOVA, ...).
+template <class S>
+concept ConsumesAttention = requires(S& scorer, typename S::HeadState& state,
+                                     const AttentionEvent& event) {
+  scorer.on_attention(state, event);
+};
+
+// Optional: the scorer wants window-query attention from observe() (SnapKV, ...).
+template <class S>
+concept ObservesQueries = requires(S& scorer, typename S::HeadState& state,
+                                   const ObserveEvent& event) {
+  scorer.on_observe(state, event);
+};
+
+template <class S>
+concept EvictionScorer =
+    NamedPolicy<S> && HasHeadState<S> && DeclaresEviction<S> && TracksAppends<S> &&
+    ScoresTokens<S> && CompactsState<S>;
+
+// ---------------------------------------------------------------------------------------
+// Budget planner: how a budget splits across the heads of a layer (and across layers).
+
+template <class P>
+concept PlansLayers = requires(P& planner, const LayerPlan& plan, std::span<std::size_t> out) {
+  planner.plan_layer(plan, out);
+};
+
+template <class P>
+concept BudgetPlanner = NamedPolicy<P> && PlansLayers<P>;
+
+// ---------------------------------------------------------------------------------------
+// Quantizer: how kept tokens are encoded, and the fused kernels over that encoding.
+
+template <class Q>
+concept SizesTokens = requires(const Q& quantizer, std::size_t head_dim) {
+  { quantizer.key_bytes(head_dim) } -> std::same_as<std::size_t>;
+  { quantizer.value_bytes(head_dim) } -> std::same_as<std::size_t>;
+  { quantizer.supports_head_dim(head_dim) } -> std::convertible_to<bool>;
+};
+
+template <class Q, class T>
+concept EncodesFrom = requires(const Q& quantizer, const T* source, std::size_t head_dim,
+                               std::byte* destination) {
+  quantizer.encode_key(source, head_dim, destination);
+  quantizer.encode_value(source, head_dim, destination);
+};
+
+// Accepts every host element type (float, Eigen::half, Eigen::bfloat16).
+template <class Q>
+concept EncodesTokens =
+    EncodesFrom<Q, float> && EncodesFrom<Q, Eigen::half> && EncodesFrom<Q, Eigen::bfloat16>;
+
+template <class Q>
+concept DecodesTokens = requires(const Q& quantizer, const std::byte* codes, std::size_t head_dim,
+                                 float* destination) {
+  quantizer.decode_key(codes, head_dim, destination);
+  quantizer.decode_value(codes, head_dim, destination);
+};
+
+// attend() runs on the encoded pages through these; it never decodes the cache whole.
+template <class Q>
+concept FusedAttendKernels = requires(const Q& quantizer, const ScoreTile& score_tile,
+                                      const AccumulateTile& accumulate_tile) {
+  quantizer.score_tile(score_tile);
+  quantizer.accumulate_tile(accumulate_tile);
+};
+
+template <class Q>
+concept Quantizer = NamedPolicy<Q> && SizesTokens<Q> && EncodesTokens<Q> &&
+                    DecodesTokens<Q> && FusedAttendKernels<Q>;
+
+// ---------------------------------------------------------------------------------------
+// Retrieval index: which stored pages a query reads.
+
+template <class I>
+concept DeclaresCoverage = requires {
+  { I::reads_all } -> std::convertible_to<bool>;
+};
+
+// An index that reads a subset must track appends (it gets fp32 keys), compaction, and
+// pick pages for a query.
+template <class I>
+concept SelectsPages =
+    requires(I& index, typename I::HeadState& state, const AppendEvent& append,
+             std::span<const std::uint32_t> kept, const SelectContext& context,
+             std::vector<std::uint32_t>& pages) {
+      index.on_append(state, append);
+      index.on_compact(state, kept);
+      index.select_pages(std::as_const(state), context, pages);
+    };
+
+template <class I>
+concept RetrievalIndex =
+    NamedPolicy<I> && HasHeadState<I> && DeclaresCoverage<I> && (I::reads_all || SelectsPages<I>);
+
+// ---------------------------------------------------------------------------------------
+// Offload backend: where cold pages live and how they come back.
+
+template <class O>
+concept StoresPages = requires(O& backend, const PageKey& key, std::span<const std::byte> bytes,
+                               std::span<std::byte> destination) {
+  { O::enabled } -> std::convertible_to<bool>;
+  { backend.put(key, bytes) } -> std::convertible_to<bool>;
+  { backend.get(key, destination) } -> std::convertible_to<bool>;
+  backend.erase(key);
+};
+
+template <class O>
+concept OffloadBackend = NamedPolicy<O> && StoresPages<O>;
+
+// ---------------------------------------------------------------------------------------
+// Compute backend: where page memory lives and kernels run.
+
+template <class B>
+concept AllocatesPages = requires(B& backend, std::size_t bytes, std::byte* pointer) {
+  { backend.allocate(bytes) } -> std::same_as<std::byte*>;
+  backend.deallocate(pointer, bytes);
+  { B::host_accessible } -> std::convertible_to<bool>;
+};
+
+template <class B>
+concept ComputeBackend = NamedPolicy<B> && AllocatesPages<B>;
+
+}  // namespace kvc

@@ -1,0 +1,851 @@
+// kvc/core/kv_cache.hpp — KvCache: the policies composed into one cache a host loop embeds.
+//
+//   KvCache<Scorer, Quantizer, Index, Offload, Planner, Backend>
+//
+// Storage: per (sequence, layer, kv head) a ragged list of pages from one pool, so a
+// head's budget is real memory, not a mask. A page holds `page_tokens` slots:
+//   [key codes × P][pad to 64][value codes × P][pad to 64][int32 position × P][pad to 64]
+// Slots are kept in ascending position order (eviction compacts stably), which makes the
+// causal mask of a query chunk a per-row prefix length.
+//
+// Host protocol, per layer (after RoPE):
+//   append(seq, layer, k, v)      prefill chunk or decode token, [kv_heads][n][head_dim]
+//   observe(seq, layer, q_window) optional: window queries for query-aware scorers
+//   attend(seq, layer, q, out)    n ≥ 1 queries = the last n appended positions, causal
+// With auto_compress, a layer over budget is compressed at the end of attend() (after the
+// scorer saw that step's attention) and, for hosts that never call attend, at the start of
+// the next append(). compress(seq) does it explicitly.
+//
+// Errors: every check runs before the first write; a rejected call leaves the cache as it
+// was. Thread safety: one KvCache is used by one thread at a time (attend uses scratch
+// buffers owned by the cache); distinct caches are independent.
+#pragma once
+
+#include <kvc/backend/cpu.hpp>
+#include <kvc/budget/uniform.hpp>
+#include <kvc/core/concepts.hpp>
+#include <kvc/core/element.hpp>
+#include <kvc/core/error.hpp>
+#include <kvc/core/events.hpp>
+#include <kvc/core/geometry.hpp>
+#include <kvc/core/page_pool.hpp>
+#include <kvc/core/stats.hpp>
+#include <kvc/core/view.hpp>
+#include <kvc/evict/full.hpp>
+#include <kvc/offload/none.hpp>
+#include <kvc/quant/dense.hpp>
+#include <kvc/retrieval/exhaustive.hpp>
+#include <kvc/simd/kernels.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <span>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace kvc {
+
+// A handle to one sequence of a cache. The generation makes a handle to a closed (and
+// possibly reused) slot detectable.
+struct SequenceId {
+  std::uint32_t slot = 0;
+  std::uint32_t generation = 0;
+  friend constexpr bool operator==(const SequenceId&, const SequenceId&) = default;
+};
+
+// export_dense(): one layer of one sequence decoded to fp32, per kv head.
+struct DenseLayer {
+  using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  std::vector<Matrix> keys;                   // [kv_head] → tokens × head_dim
+  std::vector<Matrix> values;                 // [kv_head] → tokens × head_dim
+  std::vector<std::vector<Position>> positions;  // [kv_head] → tokens
+};
+
+template <EvictionScorer Scorer = evict::Full, Quantizer Quant = quant::Dense<float>,
+          RetrievalIndex Index = retrieval::Exhaustive, OffloadBackend Offload = offload::None,
+          BudgetPlanner Planner = budget::Uniform, ComputeBackend Backend = backend::Cpu>
+class KvCache {
+ public:
+  using scorer_type = Scorer;
+  using quantizer_type = Quant;
+  using index_type = Index;
+  using offload_type = Offload;
+  using planner_type = Planner;
+  using backend_type = Backend;
+
+  explicit KvCache(Geometry geometry, CacheOptions options = {}, Scorer scorer = {},
+                   Quant quantizer = {}, Index index = {}, Offload offload = {},
+                   Planner planner = {}, Backend backend = {})
+      : geometry_(checked(geometry, options, quantizer)),
+        options_(options),
+        scorer_(std::move(scorer)),
+        quantizer_(std::move(quantizer)),
+        index_(std::move(index)),
+        offload_(std::move(offload)),
+        planner_(std::move(planner)),
+        key_bytes_(quantizer_.key_bytes(geometry_.head_dim)),
+        value_bytes_(quantizer_.value_bytes(geometry_.head_dim)),
+        value_offset_(round_up(options_.page_tokens * key_bytes_)),
+        position_offset_(value_offset_ + round_up(options_.page_tokens * value_bytes_)),
+        pool_(position_offset_ + round_up(options_.page_tokens * sizeof(Position)),
+              std::move(backend)) {}
+
+  KvCache(const KvCache&) = delete;
+  KvCache& operator=(const KvCache&) = delete;
+
+  const Geometry& geometry() const noexcept { return geometry_; }
+  const CacheOptions& options() const noexcept { return options_; }
+  Scorer& scorer() noexcept { return scorer_; }
+  const Quant& quantizer() const noexcept { return quantizer_; }
+  Planner& planner() noexcept { return planner_; }
+  Index& index() noexcept { return index_; }
+  Offload& offload() noexcept { return offload_; }
+
+  // ---- sequences ------------------------------------------------------------------------
+
+  SequenceId open_sequence() {
+    const std::uint32_t slot = free_slot();
+    Sequence& sequence = sequences_[slot];
+    sequence.layers.assign(geometry_.layers, Layer{std::vector<Head>(geometry_.kv_heads), 0});
+    sequence.open = true;
+    return {slot, sequence.generation};
+  }
+
+  // A new sequence sharing every page of `parent` copy-on-write: no K/V is copied until
+  // one of the two writes to a shared page.
+  SequenceId fork(SequenceId parent) {
+    const Sequence& source = checked(parent, "fork");
+    std::vector<Layer> layers = source.layers;  // may throw: nothing changed yet
+    const std::uint32_t slot = free_slot();
+    Sequence& child = sequences_[slot];
+    child.layers = std::move(layers);
+    child.open = true;
+    for (const Layer& layer : child.layers) {
+      for (const Head& head : layer.heads) {
+        for (PageId page : head.pages) pool_.retain(page);
+      }
+    }
+    return {slot, child.generation};
+  }
+
+  // Frees every page the sequence alone holds; the handle becomes invalid.
+  void close(SequenceId id) {
+    Sequence& sequence = checked(id, "close");
+    for (Layer& layer : sequence.layers) {
+      for (Head& head : layer.heads) {
+        for (PageId page : head.pages) pool_.release(page);
+      }
+    }
+    sequence.layers = {};
+    sequence.open = false;
+    ++sequence.generation;
+    free_slots_.push_back(id.slot);
+  }
+
+  bool is_open(SequenceId id) const noexcept {
+    return id.slot < sequences_.size() && sequences_[id.slot].open &&
+           sequences_[id.slot].generation == id.generation;
+  }
+
+  std::size_t sequence_count() const noexcept { return sequences_.size() - free_slots_.size(); }
+
+  // ---- append ---------------------------------------------------------------------------
+
+  // Stores n new tokens at the end of `layer`: k and v are [kv_heads][n][head_dim].
+  template <class T>
+    requires Element<std::remove_const_t<T>>
+  void append(SequenceId id, std::size_t layer, View<T, 3> k, View<T, 3> v) {
+    using E = std::remove_const_t<T>;
+    Sequence& sequence = checked(id, "append");
+    check_layer(layer, "append");
+    check_heads_view(k, geometry_.kv_heads, "append", "k", "kv heads");
+    check_heads_view(v, geometry_.kv_heads, "append", "v", "kv heads");
+    if (k.extent(1) != v.extent(1)) {
+      detail::fail<ShapeError>("append: k has {} tokens, v has {}", k.extent(1), v.extent(1));
+    }
+    const std::size_t count = k.extent(1);
+    if (count == 0) return;
+    if (options_.check_finite) {
+      check_finite(k, "append", "k");
+      check_finite(v, "append", "v");
+    }
+    Layer& store = sequence.layers[layer];
+    if (store.tokens_seen + count > static_cast<std::size_t>(std::numeric_limits<Position>::max())) {
+      detail::fail<Error>("append: layer {} would hold position {}, past the int32 limit", layer,
+                          store.tokens_seen + count);
+    }
+
+    if (options_.auto_compress && over_budget(store, layer)) compress_layer(store, layer);
+
+    // Reserve every page and buffer first: after this point nothing below can throw.
+    std::size_t pages_needed = 0;
+    for (const Head& head : store.heads) {
+      const std::size_t tail = head.tokens % options_.page_tokens;
+      pages_needed += pages_for(head.tokens + count) - head.pages.size();
+      if (tail != 0 && pool_.shared(head.pages.back())) ++pages_needed;
+    }
+    pool_.reserve(pages_needed);
+    for (Head& head : store.heads) head.pages.reserve(pages_for(head.tokens + count));
+
+    const auto first_position = static_cast<Position>(store.tokens_seen);
+    for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
+      Head& head = store.heads[h];
+      if (head.tokens % options_.page_tokens != 0) {
+        head.pages.back() = pool_.make_unique(head.pages.back());
+      }
+      for (std::size_t t = 0; t < count; ++t) {
+        const std::size_t slot = head.tokens + t;
+        if (slot % options_.page_tokens == 0) head.pages.push_back(pool_.acquire());
+        std::byte* page = pool_.data(head.pages.back());
+        const std::size_t in_page = slot % options_.page_tokens;
+        quantizer_.encode_key(static_cast<const E*>(k.pointer(h, t)), geometry_.head_dim,
+                              page + in_page * key_bytes_);
+        quantizer_.encode_value(static_cast<const E*>(v.pointer(h, t)), geometry_.head_dim,
+                                page + value_offset_ + in_page * value_bytes_);
+        const Position position = first_position + static_cast<Position>(t);
+        std::memcpy(page + position_offset_ + in_page * sizeof(Position), &position,
+                    sizeof(Position));
+      }
+      AppendEvent event{layer, h, first_position, count, {}, geometry_.head_dim};
+      if constexpr (!Index::reads_all) {
+        widen_keys(k, h, count);
+        event.keys = std::span<const float>(key_scratch_.data(), count * geometry_.head_dim);
+        index_.on_append(head.index_state, event);
+      }
+      scorer_.on_append(head.scorer_state, event);
+      head.tokens += count;
+    }
+    store.tokens_seen += count;
+  }
+
+  // ---- observe --------------------------------------------------------------------------
+
+  // Hands the softmax of the last w queries ([q_heads][w][head_dim], the last w appended
+  // positions) over all stored keys to a scorer that observes queries (SnapKV & co.).
+  // With any other scorer it only validates its input.
+  template <class T>
+    requires Element<std::remove_const_t<T>>
+  void observe(SequenceId id, std::size_t layer, View<T, 3> q_window) {
+    Sequence& sequence = checked(id, "observe");
+    check_layer(layer, "observe");
+    Layer& store = sequence.layers[layer];
+    check_queries(q_window, store, "observe");
+    if constexpr (ObservesQueries<Scorer>) {
+      const std::size_t window = q_window.extent(1);
+      const std::size_t group = geometry_.group_size();
+      const std::size_t rows = group * window;
+      for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
+        Head& head = store.heads[h];
+        const std::size_t n = head.tokens;
+        load_queries(q_window, h, 0, window);
+        weights_.assign(rows * n, -std::numeric_limits<float>::infinity());
+        const auto visible = visible_counts(head, store.tokens_seen, 0, window, window);
+        for (std::size_t p = 0; p < head.pages.size(); ++p) {
+          const std::size_t first = p * options_.page_tokens;
+          const std::size_t tokens = std::min(options_.page_tokens, n - first);
+          quantizer_.score_tile(ScoreTile{queries_.data(), rows, pool_.data(head.pages[p]),
+                                          tokens, geometry_.head_dim, weights_.data() + first, n,
+                                          tile_scratch_.data()});
+        }
+        for (std::size_t r = 0; r < rows; ++r) {
+          float* row = weights_.data() + r * n;
+          const std::size_t seen = visible[r % window];
+          std::fill(row + seen, row + n, -std::numeric_limits<float>::infinity());
+          const float shift = simd::max_value(row, seen);
+          const float total = simd::exp_shift_sum(row, n, shift);
+          simd::scale(total > 0.0F ? 1.0F / total : 0.0F, row, n);
+        }
+        scorer_.on_observe(head.scorer_state,
+                           ObserveEvent{layer, h, std::span<const float>(weights_.data(), rows * n),
+                                        rows, window, n});
+      }
+    }
+  }
+
+  // ---- attend ---------------------------------------------------------------------------
+
+  // Decode/prefill attention on the stored (compressed) pages. q and out are
+  // [q_heads][n][head_dim]; query t sits at position tokens_seen − n + t and sees stored
+  // tokens at positions ≤ its own. Online softmax in one pass over the pages; each page is
+  // read once per GQA group (and per block of 16 query tokens for long chunks).
+  template <class TQ, class TO>
+    requires Element<std::remove_const_t<TQ>> && Element<TO>
+  void attend(SequenceId id, std::size_t layer, View<TQ, 3> q, View<TO, 3> out) {
+    Sequence& sequence = checked(id, "attend");
+    check_layer(layer, "attend");
+    Layer& store = sequence.layers[layer];
+    check_queries(q, store, "attend");
+    check_heads_view(out, geometry_.q_heads, "attend", "out", "query heads");
+    if (out.extent(1) != q.extent(1)) {
+      detail::fail<ShapeError>("attend: out has {} tokens, q has {}", out.extent(1), q.extent(1));
+    }
+    const std::size_t count = q.extent(1);
+    for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
+      Head& head = store.heads[h];
+      if constexpr (ConsumesAttention<Scorer>) head_weights_.assign(head.tokens, 0.0F);
+      for (std::size_t t0 = 0; t0 < count; t0 += query_block) {
+        attend_block(store, head, layer, h, q, out, t0, std::min(query_block, count - t0));
+      }
+      if constexpr (ConsumesAttention<Scorer>) {
+        scorer_.on_attention(head.scorer_state,
+                             AttentionEvent{layer, h, head_weights_, count * geometry_.group_size()});
+      }
+    }
+    if (options_.auto_compress && over_budget(store, layer)) compress_layer(store, layer);
+  }
+
+  // ---- compression ----------------------------------------------------------------------
+
+  void compress(SequenceId id) {
+    Sequence& sequence = checked(id, "compress");
+    for (std::size_t layer = 0; layer < geometry_.layers; ++layer) {
+      compress_layer(sequence.layers[layer], layer);
+    }
+  }
+
+  void compress(SequenceId id, std::size_t layer) {
+    Sequence& sequence = checked(id, "compress");
+    check_layer(layer, "compress");
+    compress_layer(sequence.layers[layer], layer);
+  }
+
+  // ---- inspection -----------------------------------------------------------------------
+
+  std::size_t tokens(SequenceId id, std::size_t layer, std::size_t kv_head) const {
+    const Sequence& sequence = checked(id, "tokens");
+    check_layer(layer, "tokens");
+    check_kv_head(kv_head, "tokens");
+    return sequence.layers[layer].heads[kv_head].tokens;
+  }
+
+  std::size_t tokens_seen(SequenceId id, std::size_t layer) const {
+    const Sequence& sequence = checked(id, "tokens_seen");
+    check_layer(layer, "tokens_seen");
+    return sequence.layers[layer].tokens_seen;
+  }
+
+  std::vector<Position> positions(SequenceId id, std::size_t layer, std::size_t kv_head) const {
+    const Sequence& sequence = checked(id, "positions");
+    check_layer(layer, "positions");
+    check_kv_head(kv_head, "positions");
+    const Head& head = sequence.layers[layer].heads[kv_head];
+    std::vector<Position> result(head.tokens);
+    for (std::size_t slot = 0; slot < head.tokens; ++slot) result[slot] = position_at(head, slot);
+    return result;
+  }
+
+  const typename Scorer::HeadState& scorer_state(SequenceId id, std::size_t layer,
+                                                 std::size_t kv_head) const {
+    const Sequence& sequence = checked(id, "scorer_state");
+    check_layer(layer, "scorer_state");
+    check_kv_head(kv_head, "scorer_state");
+    return sequence.layers[layer].heads[kv_head].scorer_state;
+  }
+
+  // The stored K/V of one layer decoded to fp32, for hosts that bring their own kernel.
+  DenseLayer export_dense(SequenceId id, std::size_t layer) const {
+    const Sequence& sequence = checked(id, "export_dense");
+    check_layer(layer, "export_dense");
+    DenseLayer result;
+    const std::size_t d = geometry_.head_dim;
+    for (const Head& head : sequence.layers[layer].heads) {
+      DenseLayer::Matrix keys(static_cast<Eigen::Index>(head.tokens), static_cast<Eigen::Index>(d));
+      DenseLayer::Matrix values(static_cast<Eigen::Index>(head.tokens),
+                                static_cast<Eigen::Index>(d));
+      std::vector<Position> positions(head.tokens);
+      for (std::size_t slot = 0; slot < head.tokens; ++slot) {
+        const std::byte* page = pool_.data(head.pages[slot / options_.page_tokens]);
+        const std::size_t in_page = slot % options_.page_tokens;
+        quantizer_.decode_key(page + in_page * key_bytes_, d, keys.data() + slot * d);
+        quantizer_.decode_value(page + value_offset_ + in_page * value_bytes_, d,
+                                values.data() + slot * d);
+        positions[slot] = position_at(head, slot);
+      }
+      result.keys.push_back(std::move(keys));
+      result.values.push_back(std::move(values));
+      result.positions.push_back(std::move(positions));
+    }
+    return result;
+  }
+
+  CacheStats stats() const {
+    CacheStats result = empty_stats();
+    for (const Sequence& sequence : sequences_) {
+      if (sequence.open) add_sequence(result, sequence);
+    }
+    result.pages_in_use = pool_.pages_in_use();
+    result.page_bytes = result.pages_in_use * pool_.page_bytes();
+    return result;
+  }
+
+  // One sequence: pages it shares with a fork count in full here.
+  CacheStats stats(SequenceId id) const {
+    const Sequence& sequence = checked(id, "stats");
+    CacheStats result = empty_stats();
+    add_sequence(result, sequence);
+    for (const Layer& layer : sequence.layers) {
+      for (const Head& head : layer.heads) result.pages_in_use += head.pages.size();
+    }
+    result.page_bytes = result.pages_in_use * pool_.page_bytes();
+    return result;
+  }
+
+  std::size_t bytes_per_token() const noexcept { return key_bytes_ + value_bytes_; }
+  std::size_t page_bytes() const noexcept { return pool_.page_bytes(); }
+
+ private:
+  // Query tokens attended together: the rows (group × block) share every page read, and
+  // the per-row score tiles stay within L1/L2.
+  static constexpr std::size_t query_block = 16;
+  static constexpr std::size_t page_alignment = 64;
+
+  struct Head {
+    std::vector<PageId> pages;
+    std::size_t tokens = 0;
+    typename Scorer::HeadState scorer_state{};
+    typename Index::HeadState index_state{};
+  };
+  struct Layer {
+    std::vector<Head> heads;
+    std::size_t tokens_seen = 0;
+  };
+  struct Sequence {
+    std::vector<Layer> layers;
+    std::uint32_t generation = 0;
+    bool open = false;
+  };
+
+  static std::size_t round_up(std::size_t bytes) noexcept {
+    return (bytes + page_alignment - 1) / page_alignment * page_alignment;
+  }
+
+  static Geometry checked(const Geometry& geometry, const CacheOptions& options,
+                          const Quant& quantizer) {
+    geometry.validate();
+    if (options.page_tokens == 0) detail::fail<ShapeError>("KvCache: page_tokens is 0");
+    if (!quantizer.supports_head_dim(geometry.head_dim)) {
+      detail::fail<UnsupportedError>("KvCache: quantizer '{}' does not support head_dim {}",
+                                     Quant::name(), geometry.head_dim);
+    }
+    if (!Scorer::evicts && !options.budget.is_unlimited()) {
+      detail::fail<BudgetError>(
+          "KvCache: a budget is set but scorer '{}' never evicts; choose an evicting scorer or "
+          "Budget::unlimited()",
+          Scorer::name());
+    }
+    return geometry;
+  }
+
+  std::uint32_t free_slot() {
+    if (!free_slots_.empty()) {
+      const std::uint32_t slot = free_slots_.back();
+      free_slots_.pop_back();
+      return slot;
+    }
+    sequences_.emplace_back();
+    return static_cast<std::uint32_t>(sequences_.size() - 1);
+  }
+
+  Sequence& checked(SequenceId id, const char* function) {
+    return const_cast<Sequence&>(std::as_const(*this).checked(id, function));
+  }
+  const Sequence& checked(SequenceId id, const char* function) const {
+    if (id.slot >= sequences_.size()) {
+      detail::fail<SequenceError>("{}: sequence {} was never opened ({} slots)", function, id.slot,
+                                  sequences_.size());
+    }
+    const Sequence& sequence = sequences_[id.slot];
+    if (!sequence.open || sequence.generation != id.generation) {
+      detail::fail<SequenceError>("{}: sequence {} (generation {}) is closed", function, id.slot,
+                                  id.generation);
+    }
+    return sequence;
+  }
+
+  void check_layer(std::size_t layer, const char* function) const {
+    if (layer >= geometry_.layers) {
+      detail::fail<ShapeError>("{}: layer {} out of range, cache has {} layers", function, layer,
+                               geometry_.layers);
+    }
+  }
+  void check_kv_head(std::size_t kv_head, const char* function) const {
+    if (kv_head >= geometry_.kv_heads) {
+      detail::fail<ShapeError>("{}: kv head {} out of range, cache has {} kv heads", function,
+                               kv_head, geometry_.kv_heads);
+    }
+  }
+
+  template <class T>
+  void check_heads_view(const View<T, 3>& view, std::size_t heads, const char* function,
+                        const char* argument, const char* what) const {
+    if (view.extent(0) != heads) {
+      detail::fail<ShapeError>("{}: {} has {} {}, cache has {}", function, argument,
+                               view.extent(0), what, heads);
+    }
+    if (view.extent(2) != geometry_.head_dim) {
+      detail::fail<ShapeError>("{}: {} has head_dim {}, cache has {}", function, argument,
+                               view.extent(2), geometry_.head_dim);
+    }
+    if (view.extent(1) > 0 && view.stride(2) != 1) {
+      detail::fail<ShapeError>("{}: {} has head_dim stride {}, kvc needs 1 (contiguous)",
+                               function, argument, view.stride(2));
+    }
+    if (view.extent(1) > 0 && view.data() == nullptr) {
+      detail::fail<ShapeError>("{}: {} has {} tokens but no data", function, argument,
+                               view.extent(1));
+    }
+  }
+
+  template <class T>
+  void check_queries(const View<T, 3>& q, const Layer& store, const char* function) const {
+    check_heads_view(q, geometry_.q_heads, function, "q", "query heads");
+    if (q.extent(1) == 0) detail::fail<ShapeError>("{}: q has 0 tokens", function);
+    if (q.extent(1) > store.tokens_seen) {
+      detail::fail<ShapeError>(
+          "{}: q has {} tokens but the layer has seen only {} (queries are the last appended "
+          "positions: append first)",
+          function, q.extent(1), store.tokens_seen);
+    }
+  }
+
+  template <class T>
+  static void check_finite(const View<T, 3>& view, const char* function, const char* argument) {
+    for (std::size_t h = 0; h < view.extent(0); ++h) {
+      for (std::size_t t = 0; t < view.extent(1); ++t) {
+        const auto* row = view.pointer(h, t);
+        for (std::size_t c = 0; c < view.extent(2); ++c) {
+          const float x = static_cast<float>(row[c]);
+          if (!std::isfinite(x)) {
+            detail::fail<ValueError>("{}: {}[{}][{}][{}] is {}, kvc stores finite values only",
+                                     function, argument, h, t, c, x);
+          }
+        }
+      }
+    }
+  }
+
+  std::size_t pages_for(std::size_t tokens) const noexcept {
+    return (tokens + options_.page_tokens - 1) / options_.page_tokens;
+  }
+
+  Position position_at(const Head& head, std::size_t slot) const noexcept {
+    Position position;
+    std::memcpy(&position,
+                pool_.data(head.pages[slot / options_.page_tokens]) + position_offset_ +
+                    (slot % options_.page_tokens) * sizeof(Position),
+                sizeof(Position));
+    return position;
+  }
+
+  // Per query token t of [first, first + count) of a chunk of `chunk` queries: how many
+  // stored tokens it may see. Slots ascend by position, so it is a prefix; only the tail
+  // appended with the chunk can lie in a query's future, so the walk is O(chunk).
+  std::vector<std::size_t>& visible_counts(const Head& head, std::size_t tokens_seen,
+                                           std::size_t first, std::size_t count,
+                                           std::size_t chunk) {
+    visible_.resize(count);
+    std::size_t visible = head.tokens;
+    for (std::size_t t = first + count; t-- > first;) {
+      const auto query_position = static_cast<Position>(tokens_seen - chunk + t);
+      while (visible > 0 && position_at(head, visible - 1) > query_position) --visible;
+      visible_[t - first] = visible;
+    }
+    return visible_;
+  }
+
+  // queries_[r] for r = g * count + t: query head (kv_head * group + g), token first + t,
+  // converted to fp32 and scaled by 1/sqrt(head_dim).
+  template <class T>
+  void load_queries(const View<T, 3>& q, std::size_t kv_head, std::size_t first,
+                    std::size_t count) {
+    const std::size_t d = geometry_.head_dim;
+    const std::size_t group = geometry_.group_size();
+    queries_.resize(group * count * d);
+    const float scale = 1.0F / std::sqrt(static_cast<float>(d));
+    for (std::size_t g = 0; g < group; ++g) {
+      for (std::size_t t = 0; t < count; ++t) {
+        float* row = queries_.data() + (g * count + t) * d;
+        simd::convert(q.pointer(kv_head * group + g, first + t), row, d);
+        simd::scale(scale, row, d);
+      }
+    }
+    tile_scratch_.resize(options_.page_tokens * d);
+  }
+
+  template <class T>
+  void widen_keys(const View<T, 3>& k, std::size_t kv_head, std::size_t count) {
+    const std::size_t d = geometry_.head_dim;
+    key_scratch_.resize(count * d);
+    for (std::size_t t = 0; t < count; ++t) {
+      simd::convert(k.pointer(kv_head, t), key_scratch_.data() + t * d, d);
+    }
+  }
+
+  // One block of query tokens of one kv head: every page of the head is read once for all
+  // group × count rows.
+  template <class TQ, class TO>
+  void attend_block(const Layer& store, const Head& head, std::size_t layer, std::size_t kv_head,
+                    const View<TQ, 3>& q, const View<TO, 3>& out, std::size_t first,
+                    std::size_t count) {
+    const std::size_t d = geometry_.head_dim;
+    const std::size_t group = geometry_.group_size();
+    const std::size_t rows = group * count;
+    const std::size_t page_tokens = options_.page_tokens;
+    constexpr float minus_infinity = -std::numeric_limits<float>::infinity();
+
+    load_queries(q, kv_head, first, count);
+    const std::vector<std::size_t>& visible =
+        visible_counts(head, store.tokens_seen, first, count, q.extent(1));
+    const std::size_t reach = visible.back();  // the block's last query sees the most
+
+    running_max_.assign(rows, minus_infinity);
+    running_sum_.assign(rows, 0.0F);
+    accumulator_.assign(rows * d, 0.0F);
+    scores_.resize(rows * page_tokens);
+    if constexpr (ConsumesAttention<Scorer>) weights_.assign(rows * head.tokens, minus_infinity);
+
+    const std::size_t reachable_pages = pages_for(reach);
+    pages_to_read_.clear();
+    if constexpr (Index::reads_all) {
+      for (std::size_t p = 0; p < reachable_pages; ++p) {
+        pages_to_read_.push_back(static_cast<std::uint32_t>(p));
+      }
+    } else {
+      index_.select_pages(std::as_const(head.index_state),
+                          SelectContext{layer, kv_head, queries_.data(), rows, d,
+                                        reachable_pages, page_tokens},
+                          pages_to_read_);
+      // The newest reachable page holds the queries' own tokens: always read it.
+      const auto last = static_cast<std::uint32_t>(reachable_pages - 1);
+      std::erase_if(pages_to_read_, [&](std::uint32_t p) { return p >= reachable_pages; });
+      if (reachable_pages > 0 &&
+          std::find(pages_to_read_.begin(), pages_to_read_.end(), last) == pages_to_read_.end()) {
+        pages_to_read_.push_back(last);
+      }
+      std::sort(pages_to_read_.begin(), pages_to_read_.end());
+      pages_to_read_.erase(std::unique(pages_to_read_.begin(), pages_to_read_.end()),
+                           pages_to_read_.end());
+    }
+
+    for (std::uint32_t p : pages_to_read_) {
+      const std::size_t page_first = p * page_tokens;
+      const std::size_t tokens = std::min(page_tokens, reach - page_first);
+      const std::byte* page = pool_.data(head.pages[p]);
+      quantizer_.score_tile(ScoreTile{queries_.data(), rows, page, tokens, d, scores_.data(),
+                                      page_tokens, tile_scratch_.data()});
+      for (std::size_t r = 0; r < rows; ++r) {
+        float* row = scores_.data() + r * page_tokens;
+        const std::size_t seen = visible[r % count];
+        const std::size_t live = seen > page_first ? std::min(tokens, seen - page_first) : 0;
+        std::fill(row + live, row + tokens, minus_infinity);
+        if constexpr (ConsumesAttention<Scorer>) {
+          std::copy(row, row + tokens, weights_.data() + r * head.tokens + page_first);
+        }
+        // Online softmax: rescale what was accumulated when the running max grows.
+        const float tile_max = simd::max_value(row, tokens);
+        const float new_max = std::max(running_max_[r], tile_max);
+        if (new_max == minus_infinity) {
+          std::fill(row, row + tokens, 0.0F);
+          continue;
+        }
+        const float correction = std::exp(running_max_[r] - new_max);
+        const float tile_sum = simd::exp_shift_sum(row, tokens, new_max);
+        running_sum_[r] = running_sum_[r] * correction + tile_sum;
+        if (correction != 1.0F) simd::scale(correction, accumulator_.data() + r * d, d);
+        running_max_[r] = new_max;
+      }
+      quantizer_.accumulate_tile(AccumulateTile{scores_.data(), rows, page_tokens,
+                                                page + value_offset_, tokens, d,
+                                                accumulator_.data(), tile_scratch_.data()});
+    }
+
+    for (std::size_t r = 0; r < rows; ++r) {
+      const std::size_t g = r / count;
+      const std::size_t t = r % count;
+      float* row = accumulator_.data() + r * d;
+      // A query whose every visible token was evicted attends to nothing: output 0.
+      const float inverse = running_sum_[r] > 0.0F ? 1.0F / running_sum_[r] : 0.0F;
+      simd::scale(inverse, row, d);
+      simd::convert(row, out.pointer(kv_head * group + g, first + t), d);
+      if constexpr (ConsumesAttention<Scorer>) {
+        const float* raw = weights_.data() + r * head.tokens;
+        for (std::size_t i = 0; i < visible[t]; ++i) {
+          head_weights_[i] += std::exp(raw[i] - running_max_[r]) * inverse;
+        }
+      }
+    }
+  }
+
+  bool over_budget(const Layer& store, std::size_t layer) {
+    if constexpr (!Scorer::evicts) {
+      (void)store;
+      (void)layer;
+      return false;
+    } else {
+      plan(store, layer);
+      for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
+        if (store.heads[h].tokens > head_budgets_[h]) return true;
+      }
+      return false;
+    }
+  }
+
+  void plan(const Layer& store, std::size_t layer) {
+    head_budgets_.assign(geometry_.kv_heads, 0);
+    stored_.resize(geometry_.kv_heads);
+    for (std::size_t h = 0; h < geometry_.kv_heads; ++h) stored_[h] = store.heads[h].tokens;
+    planner_.plan_layer(LayerPlan{geometry_, layer, options_.budget.resolve(store.tokens_seen),
+                                  store.tokens_seen, stored_},
+                        head_budgets_);
+  }
+
+  void compress_layer(Layer& store, std::size_t layer) {
+    if constexpr (Scorer::evicts) {
+      plan(store, layer);
+      for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
+        Head& head = store.heads[h];
+        const std::size_t budget = head_budgets_[h];
+        if (head.tokens <= budget) continue;
+        select_survivors(head, layer, h, budget, store.tokens_seen);
+        compact(head);
+        scorer_.on_compact(head.scorer_state, kept_);
+        if constexpr (!Index::reads_all) index_.on_compact(head.index_state, kept_);
+      }
+    } else {
+      (void)store;
+      (void)layer;
+    }
+  }
+
+  // kept_ = the `budget` slots with the highest scores (ties: the newer token), ascending.
+  void select_survivors(const Head& head, std::size_t layer, std::size_t kv_head,
+                        std::size_t budget, std::size_t tokens_seen) {
+    const std::size_t n = head.tokens;
+    positions_.resize(n);
+    for (std::size_t slot = 0; slot < n; ++slot) positions_[slot] = position_at(head, slot);
+    token_scores_.assign(n, 0.0F);
+    scorer_.score(head.scorer_state,
+                  ScoreContext{layer, kv_head, positions_, budget, tokens_seen}, token_scores_);
+    for (float& score : token_scores_) {
+      if (std::isnan(score)) score = -std::numeric_limits<float>::infinity();
+    }
+    kept_.resize(n);
+    for (std::size_t slot = 0; slot < n; ++slot) kept_[slot] = static_cast<std::uint32_t>(slot);
+    const auto better = [&](std::uint32_t a, std::uint32_t b) {
+      if (token_scores_[a] != token_scores_[b]) return token_scores_[a] > token_scores_[b];
+      return positions_[a] > positions_[b];
+    };
+    std::nth_element(kept_.begin(), kept_.begin() + static_cast<std::ptrdiff_t>(budget),
+                     kept_.end(), better);
+    kept_.resize(budget);
+    std::sort(kept_.begin(), kept_.end());
+  }
+
+  // Moves the kept_ slots to the front (stable), copying shared pages before writing them,
+  // and returns the pages past the new end to the pool.
+  void compact(Head& head) {
+    const std::size_t page_tokens = options_.page_tokens;
+    const std::size_t kept = kept_.size();
+    std::size_t first_moved = 0;
+    while (first_moved < kept && kept_[first_moved] == first_moved) ++first_moved;
+    const std::size_t kept_pages = pages_for(kept);
+    std::size_t shared_pages = 0;
+    for (std::size_t p = first_moved / page_tokens; p < kept_pages; ++p) {
+      shared_pages += pool_.shared(head.pages[p]) ? 1 : 0;
+    }
+    pool_.reserve(shared_pages);
+    for (std::size_t p = first_moved / page_tokens; p < kept_pages; ++p) {
+      head.pages[p] = pool_.make_unique(head.pages[p]);
+    }
+    for (std::size_t slot = first_moved; slot < kept; ++slot) {
+      const std::size_t source = kept_[slot];
+      std::byte* to = pool_.data(head.pages[slot / page_tokens]);
+      const std::byte* from = pool_.data(head.pages[source / page_tokens]);
+      const std::size_t to_slot = slot % page_tokens;
+      const std::size_t from_slot = source % page_tokens;
+      std::memmove(to + to_slot * key_bytes_, from + from_slot * key_bytes_, key_bytes_);
+      std::memmove(to + value_offset_ + to_slot * value_bytes_,
+                   from + value_offset_ + from_slot * value_bytes_, value_bytes_);
+      std::memmove(to + position_offset_ + to_slot * sizeof(Position),
+                   from + position_offset_ + from_slot * sizeof(Position), sizeof(Position));
+    }
+    for (std::size_t p = kept_pages; p < head.pages.size(); ++p) pool_.release(head.pages[p]);
+    head.pages.resize(kept_pages);
+    head.tokens = kept;
+  }
+
+  CacheStats empty_stats() const {
+    CacheStats result;
+    result.scorer = Scorer::name();
+    result.quantizer = Quant::name();
+    result.layers = geometry_.layers;
+    result.kv_heads = geometry_.kv_heads;
+    result.head_dim = geometry_.head_dim;
+    result.tokens_per_head.assign(geometry_.layers * geometry_.kv_heads, 0);
+    result.page_size_bytes = pool_.page_bytes();
+    result.pool_reserved_bytes = pool_.bytes_reserved();
+    return result;
+  }
+
+  void add_sequence(CacheStats& result, const Sequence& sequence) const {
+    ++result.sequences;
+    result.metadata_bytes += sizeof(Sequence) + sequence.layers.capacity() * sizeof(Layer);
+    for (std::size_t l = 0; l < sequence.layers.size(); ++l) {
+      const Layer& layer = sequence.layers[l];
+      result.tokens_seen += layer.tokens_seen;
+      result.metadata_bytes += layer.heads.capacity() * sizeof(Head);
+      for (std::size_t h = 0; h < layer.heads.size(); ++h) {
+        const Head& head = layer.heads[h];
+        result.tokens_per_head[l * geometry_.kv_heads + h] += head.tokens;
+        result.tokens_stored += head.tokens;
+        result.code_bytes += head.tokens * (key_bytes_ + value_bytes_);
+        result.metadata_bytes += head.pages.capacity() * sizeof(PageId);
+        if constexpr (ReportsStateBytes<Scorer>) {
+          result.metadata_bytes += scorer_.state_bytes(head.scorer_state);
+        }
+        if constexpr (ReportsStateBytes<Index>) {
+          result.metadata_bytes += index_.state_bytes(head.index_state);
+        }
+      }
+    }
+  }
+
+  Geometry geometry_;
+  CacheOptions options_;
+  [[no_unique_address]] Scorer scorer_;
+  [[no_unique_address]] Quant quantizer_;
+  [[no_unique_address]] Index index_;
+  [[no_unique_address]] Offload offload_;
+  [[no_unique_address]] Planner planner_;
+  std::size_t key_bytes_;
+  std::size_t value_bytes_;
+  std::size_t value_offset_;
+  std::size_t position_offset_;
+  PagePool<Backend> pool_;
+  std::vector<Sequence> sequences_;
+  std::vector<std::uint32_t> free_slots_;
+
+  // Scratch reused across calls so the hot path does not allocate once warmed up.
+  std::vector<float> queries_, scores_, accumulator_, running_max_, running_sum_, tile_scratch_;
+  std::vector<float> weights_, head_weights_, key_scratch_, token_scores_;
+  std::vector<std::size_t> visible_, head_budgets_, stored_;
+  std::vector<std::uint32_t> pages_to_read_, kept_;
+  std::vector<Position> positions_;
+};
+
+}  // namespace kvc
+
+template <>
+struct fmt::formatter<kvc::SequenceId> : fmt::formatter<std::uint32_t> {
+  template <class FormatContext>
+  auto format(const kvc::SequenceId& id, FormatContext& context) const {
+    return fmt::format_to(context.out(), "seq{}.{}", id.slot, id.generation);
+  }
+};

@@ -1,0 +1,26 @@
+// kvc/kvc.hpp — everything: KvCache and every policy that ships with kvc.
+//
+//   #include <kvc/kvc.hpp>
+//   kvc::KvCache<kvc::evict::H2O> cache({.layers = 32, .q_heads = 32, .kv_heads = 8,
+//                                        .head_dim = 128},
+//                                       {.budget = kvc::Budget::tokens(2048)});
+#pragma once
+
+#include <kvc/backend/cpu.hpp>
+#include <kvc/budget/uniform.hpp>
+#include <kvc/core/concepts.hpp>
+#include <kvc/core/element.hpp>
+#include <kvc/core/error.hpp>
+#include <kvc/core/events.hpp>
+#include <kvc/core/geometry.hpp>
+#include <kvc/core/kv_cache.hpp>
+#include <kvc/core/page_pool.hpp>
+#include <kvc/core/stats.hpp>
+#include <kvc/core/view.hpp>
+#include <kvc/evict/full.hpp>
+#include <kvc/evict/h2o.hpp>
+#include <kvc/evict/streaming_llm.hpp>
+#include <kvc/offload/none.hpp>
+#include <kvc/quant/dense.hpp>
+#include <kvc/retrieval/exhaustive.hpp>
+#include <kvc/version.hpp>

@@ -1,0 +1,107 @@
+// kvc/quant/dense.hpp — quant::Dense<T>: keys and values stored as plain T (f32, f16, bf16).
+//
+// Format:     per token, head_dim values of T for the key, then the same for the value;
+//             no scales, no metadata. Bytes per token and kv head: 2 · head_dim · sizeof(T).
+// Keeps:      every stored token exactly (f32) or rounded to nearest even (f16/bf16).
+// Needs:      nothing. Any head_dim ≥ 1.
+// Cost/step:  attend reads each page once per GQA group: a page tile is widened to fp32
+//             in an L1-sized scratch (f16/bf16) or read in place (f32), then dotted with
+//             all query rows of the group (simd::dot_block) and accumulated
+//             (simd::axpy_block). Nothing larger than one page is ever widened.
+// Paper:      none — the uncompressed baselines (Dense<float> is KvCache<>'s default).
+#pragma once
+
+#include <kvc/core/element.hpp>
+#include <kvc/core/events.hpp>
+#include <kvc/simd/kernels.hpp>
+
+#include <cstddef>
+#include <cstring>
+#include <string_view>
+#include <type_traits>
+
+namespace kvc::quant {
+
+template <Element T>
+struct Dense {
+  using storage_type = T;
+
+  static constexpr std::string_view name() noexcept {
+    if constexpr (std::is_same_v<T, float>) {
+      return "dense_f32";
+    } else if constexpr (std::is_same_v<T, Eigen::half>) {
+      return "dense_f16";
+    } else {
+      return "dense_bf16";
+    }
+  }
+
+  constexpr std::size_t key_bytes(std::size_t head_dim) const noexcept {
+    return head_dim * sizeof(T);
+  }
+  constexpr std::size_t value_bytes(std::size_t head_dim) const noexcept {
+    return head_dim * sizeof(T);
+  }
+  constexpr bool supports_head_dim(std::size_t head_dim) const noexcept { return head_dim > 0; }
+
+  template <Element S>
+  void encode_key(const S* source, std::size_t head_dim, std::byte* codes) const noexcept {
+    encode(source, head_dim, codes);
+  }
+  template <Element S>
+  void encode_value(const S* source, std::size_t head_dim, std::byte* codes) const noexcept {
+    encode(source, head_dim, codes);
+  }
+
+  void decode_key(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {
+    simd::convert(stored(codes), out, head_dim);
+  }
+  void decode_value(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {
+    simd::convert(stored(codes), out, head_dim);
+  }
+
+  void score_tile(const ScoreTile& tile) const noexcept {
+    const float* keys = widen(tile.key_codes, tile.tokens * tile.head_dim, tile.scratch);
+    simd::dot_block(tile.queries, tile.rows, tile.head_dim, keys, tile.tokens, tile.head_dim,
+                    tile.head_dim, tile.scores, tile.scores_stride);
+  }
+
+  void accumulate_tile(const AccumulateTile& tile) const noexcept {
+    const float* values = widen(tile.value_codes, tile.tokens * tile.head_dim, tile.scratch);
+    simd::axpy_block(tile.weights, tile.rows, tile.weights_stride, values, tile.tokens,
+                     tile.head_dim, tile.head_dim, tile.acc, tile.head_dim);
+  }
+
+ private:
+  static const T* stored(const std::byte* codes) noexcept {
+    return reinterpret_cast<const T*>(codes);
+  }
+
+  template <Element S>
+  static void encode(const S* source, std::size_t head_dim, std::byte* codes) noexcept {
+    if constexpr (std::is_same_v<S, T>) {
+      std::memcpy(codes, source, head_dim * sizeof(T));
+    } else if constexpr (std::is_same_v<S, float>) {
+      simd::convert(source, reinterpret_cast<T*>(codes), head_dim);
+    } else {
+      // half <-> bfloat16: through f32, which holds both exactly.
+      for (std::size_t c = 0; c < head_dim; ++c) {
+        reinterpret_cast<T*>(codes)[c] = static_cast<T>(static_cast<float>(source[c]));
+      }
+    }
+  }
+
+  // fp32 pages are read in place; f16/bf16 tiles widen into the caller's L1 scratch.
+  static const float* widen(const std::byte* codes, std::size_t count, float* scratch) noexcept {
+    if constexpr (std::is_same_v<T, float>) {
+      (void)count;
+      (void)scratch;
+      return stored(codes);
+    } else {
+      simd::convert(stored(codes), scratch, count);
+      return scratch;
+    }
+  }
+};
+
+}  // namespace kvc::quant
