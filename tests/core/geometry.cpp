@@ -9,10 +9,12 @@ TEST_CASE("Geometry validates its shape and computes the GQA group", "[geometry]
   const kvc::Geometry llama{.layers = 32, .q_heads = 32, .kv_heads = 8, .head_dim = 128};
   CHECK_NOTHROW(llama.validate());
   CHECK(llama.group_size() == 4);
-  CHECK_THROWS_WITH((kvc::Geometry{.layers = 1, .q_heads = 8, .kv_heads = 0, .head_dim = 64}.validate()),
-                    "Geometry: kv_heads is 0");
-  CHECK_THROWS_WITH((kvc::Geometry{.layers = 1, .q_heads = 0, .kv_heads = 2, .head_dim = 64}.validate()),
-                    "Geometry: q_heads 0 is not a positive multiple of kv_heads 2");
+  CHECK_THROWS_WITH(
+      (kvc::Geometry{.layers = 1, .q_heads = 8, .kv_heads = 0, .head_dim = 64}.validate()),
+      "Geometry: kv_heads is 0");
+  CHECK_THROWS_WITH(
+      (kvc::Geometry{.layers = 1, .q_heads = 0, .kv_heads = 2, .head_dim = 64}.validate()),
+      "Geometry: q_heads 0 is not a positive multiple of kv_heads 2");
 }
 
 TEST_CASE("Budget resolves tokens, ratios and unlimited", "[geometry][budget]") {

@@ -64,7 +64,8 @@ TEST_CASE("attend matches a float64 reference across GQA, head_dim, queries and 
   CAPTURE(group, head_dim, length, queries);
 
   std::mt19937 rng(static_cast<unsigned>(group * 7919 + head_dim * 31 + length * 3 + queries));
-  const kvc::Geometry geometry{.layers = 1, .q_heads = 2 * group, .kv_heads = 2, .head_dim = head_dim};
+  const kvc::Geometry geometry{
+      .layers = 1, .q_heads = 2 * group, .kv_heads = 2, .head_dim = head_dim};
   kvc::KvCache<> cache(geometry);
   const auto seq = cache.open_sequence();
   const Tensor3 k = random_tensor(rng, 2, length, head_dim);
@@ -96,7 +97,9 @@ TEST_CASE("attend survives adversarial scores (huge logits, late maxima, ties, z
       for (std::size_t c = 0; c < 64; ++c) k.at(0, t, c) = k.at(0, 0, c);
     }
   }
-  SECTION("zero queries: uniform attention") { std::fill(q.data.begin(), q.data.end(), 0.0F); }
+  SECTION("zero queries: uniform attention") {
+    std::fill(q.data.begin(), q.data.end(), 0.0F);
+  }
   SECTION("tiny values near the denormal range") {
     for (float& x : k.data) x *= 1e-30F;
     for (float& x : v.data) x *= 1e-30F;
@@ -111,8 +114,7 @@ TEST_CASE("attend survives adversarial scores (huge logits, late maxima, ties, z
   CHECK(attend_error(cache, seq, 0, q, out) < 1e-4);
 }
 
-TEST_CASE("chunked prefill, decode and multi-token verification are causal",
-          "[kv_cache][attend]") {
+TEST_CASE("chunked prefill, decode and multi-token verification are causal", "[kv_cache][attend]") {
   const kvc::Geometry geometry{.layers = 2, .q_heads = 8, .kv_heads = 2, .head_dim = 64};
   std::mt19937 rng(11);
   kvc::KvCache<> cache(geometry, {.page_tokens = 8});
@@ -241,7 +243,8 @@ TEST_CASE("many sequences keep their own lengths", "[kv_cache][sequences]") {
 TEST_CASE("stats() accounts bytes exactly", "[kv_cache][stats]") {
   const kvc::Geometry geometry{.layers = 3, .q_heads = 4, .kv_heads = 2, .head_dim = 128};
   std::mt19937 rng(1);
-  kvc::KvCache<kvc::evict::Full, kvc::quant::Dense<Eigen::half>> cache(geometry, {.page_tokens = 32});
+  kvc::KvCache<kvc::evict::Full, kvc::quant::Dense<Eigen::half>> cache(geometry,
+                                                                       {.page_tokens = 32});
   const auto seq = cache.open_sequence();
   for (std::size_t l = 0; l < 3; ++l) {
     append_tensors(cache, seq, l, random_tensor(rng, 2, 100, 128), random_tensor(rng, 2, 100, 128));
@@ -432,7 +435,8 @@ TEST_CASE("a retrieval index restricts attend to the pages it selects", "[kv_cac
                              q.data.begin() + static_cast<std::ptrdiff_t>(qh * 64 + 64));
     const auto expected =
         kvc::test::reference_attention(query, keys.data(), values.data(), positions, 29, 64);
-    for (std::size_t c = 0; c < 64; ++c) CHECK(out.at(qh, 0, c) == Approx(expected[c]).margin(1e-5));
+    for (std::size_t c = 0; c < 64; ++c)
+      CHECK(out.at(qh, 0, c) == Approx(expected[c]).margin(1e-5));
   }
 }
 

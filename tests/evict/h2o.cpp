@@ -26,8 +26,7 @@ double harmonic(std::size_t n) {
 
 }  // namespace
 
-TEST_CASE("H2O on a hand-checked case: uniform attention makes the oldest tokens heavy",
-          "[h2o]") {
+TEST_CASE("H2O on a hand-checked case: uniform attention makes the oldest tokens heavy", "[h2o]") {
   // Zero queries attend uniformly: causal prefill query t gives 1/(t+1) to tokens 0..t, so
   // token i accumulates H_8 − H_i (harmonic numbers), summed over the 2 query heads of the
   // group. Budget 4 with 2 recent: keep the two heaviest (0, 1) and the two newest (6, 7).
@@ -80,7 +79,8 @@ TEST_CASE("H2O with a planted heavy hitter keeps it through decode", "[h2o]") {
   cache.attend(seq, 0, q.view(), out.mutable_view());
   Tensor3 step_q(4, 1, 64);
   std::copy(q.data.begin(), q.data.begin() + 64, step_q.data.begin());
-  for (std::size_t h = 1; h < 4; ++h) std::copy_n(step_q.data.begin(), 64, step_q.data.begin() + h * 64);
+  for (std::size_t h = 1; h < 4; ++h)
+    std::copy_n(step_q.data.begin(), 64, step_q.data.begin() + h * 64);
   Tensor3 step_out(4, 1, 64);
   for (int step = 0; step < 50; ++step) {
     cache.append(seq, 0, random_tensor(rng, 1, 1, 64, 0.1F).view(),
@@ -120,8 +120,9 @@ struct ReferenceH2O {
     for (const auto& key : keys) flat.insert(flat.end(), key.begin(), key.end());
     for (std::size_t h = 0; h < group; ++h) {
       for (std::size_t t = 0; t < q.tokens; ++t) {
-        std::vector<float> query(q.data.begin() + static_cast<std::ptrdiff_t>((h * q.tokens + t) * dim),
-                                 q.data.begin() + static_cast<std::ptrdiff_t>((h * q.tokens + t + 1) * dim));
+        std::vector<float> query(
+            q.data.begin() + static_cast<std::ptrdiff_t>((h * q.tokens + t) * dim),
+            q.data.begin() + static_cast<std::ptrdiff_t>((h * q.tokens + t + 1) * dim));
         const auto w = kvc::test::reference_weights(
             query, flat.data(), positions, static_cast<kvc::Position>(seen - q.tokens + t), dim);
         for (std::size_t i = 0; i < w.size(); ++i) accumulated[i] += w[i];
@@ -199,7 +200,8 @@ TEST_CASE("H2O with a ratio budget keeps ceil(ratio × seen) and frees the rest"
   const auto seq = cache.open_sequence();
   Tensor3 out(8, 200, 64);
   for (std::size_t l = 0; l < 2; ++l) {
-    cache.append(seq, l, random_tensor(rng, 2, 200, 64).view(), random_tensor(rng, 2, 200, 64).view());
+    cache.append(seq, l, random_tensor(rng, 2, 200, 64).view(),
+                 random_tensor(rng, 2, 200, 64).view());
     cache.attend(seq, l, random_tensor(rng, 8, 200, 64).view(), out.mutable_view());
   }
   auto stats = cache.stats();
@@ -209,9 +211,11 @@ TEST_CASE("H2O with a ratio budget keeps ceil(ratio × seen) and frees the rest"
   Tensor3 step_out(8, 1, 64);
   for (std::size_t step = 1; step <= 20; ++step) {
     for (std::size_t l = 0; l < 2; ++l) {
-      cache.append(seq, l, random_tensor(rng, 2, 1, 64).view(), random_tensor(rng, 2, 1, 64).view());
+      cache.append(seq, l, random_tensor(rng, 2, 1, 64).view(),
+                   random_tensor(rng, 2, 1, 64).view());
       cache.attend(seq, l, random_tensor(rng, 8, 1, 64).view(), step_out.mutable_view());
-      const auto expected = static_cast<std::size_t>(std::ceil(0.25 * static_cast<double>(200 + step)));
+      const auto expected =
+          static_cast<std::size_t>(std::ceil(0.25 * static_cast<double>(200 + step)));
       REQUIRE(cache.tokens(seq, l, 0) == std::max<std::size_t>(expected, 50));
     }
   }
@@ -253,7 +257,8 @@ TEST_CASE("H2O state follows fork: each branch accumulates its own attention", "
   H2OCache cache(geometry, {.budget = kvc::Budget::tokens(64)});
   const auto parent = cache.open_sequence();
   Tensor3 out(2, 20, 64);
-  cache.append(parent, 0, random_tensor(rng, 1, 20, 64).view(), random_tensor(rng, 1, 20, 64).view());
+  cache.append(parent, 0, random_tensor(rng, 1, 20, 64).view(),
+               random_tensor(rng, 1, 20, 64).view());
   cache.attend(parent, 0, random_tensor(rng, 2, 20, 64).view(), out.mutable_view());
   const auto child = cache.fork(parent);
   const auto before = cache.scorer_state(parent, 0, 0).accumulated;

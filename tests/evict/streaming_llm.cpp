@@ -21,7 +21,8 @@ std::vector<kvc::Position> iota(kvc::Position first, kvc::Position last) {
   return positions;
 }
 
-std::vector<kvc::Position> concat(std::vector<kvc::Position> a, const std::vector<kvc::Position>& b) {
+std::vector<kvc::Position> concat(std::vector<kvc::Position> a,
+                                  const std::vector<kvc::Position>& b) {
   a.insert(a.end(), b.begin(), b.end());
   return a;
 }
@@ -49,7 +50,8 @@ TEST_CASE("StreamingLLM keeps exactly the sinks and the newest tokens", "[stream
 
   // Prefill 25 tokens: after attend, each head holds sinks 0..3 and the newest 6 (19..24).
   for (std::size_t l = 0; l < 2; ++l) {
-    cache.append(seq, l, random_tensor(rng, 2, 25, 64).view(), random_tensor(rng, 2, 25, 64).view());
+    cache.append(seq, l, random_tensor(rng, 2, 25, 64).view(),
+                 random_tensor(rng, 2, 25, 64).view());
     cache.attend(seq, l, random_tensor(rng, 4, 25, 64).view(), out.mutable_view());
   }
   for (std::size_t l = 0; l < 2; ++l) {
@@ -65,7 +67,8 @@ TEST_CASE("StreamingLLM keeps exactly the sinks and the newest tokens", "[stream
   kvc::test::Tensor3 step_out(4, 1, 64);
   for (int step = 0; step < 7; ++step) {
     for (std::size_t l = 0; l < 2; ++l) {
-      cache.append(seq, l, random_tensor(rng, 2, 1, 64).view(), random_tensor(rng, 2, 1, 64).view());
+      cache.append(seq, l, random_tensor(rng, 2, 1, 64).view(),
+                   random_tensor(rng, 2, 1, 64).view());
       cache.attend(seq, l, random_tensor(rng, 4, 1, 64).view(), step_out.mutable_view());
     }
   }
@@ -78,7 +81,8 @@ TEST_CASE("StreamingLLM with a ratio budget, and without attend", "[streaming_ll
   std::mt19937 rng(2);
   Streaming cache(geometry, {.budget = kvc::Budget::ratio(0.25), .page_tokens = 8});
   const auto seq = cache.open_sequence();
-  cache.append(seq, 0, random_tensor(rng, 1, 100, 64).view(), random_tensor(rng, 1, 100, 64).view());
+  cache.append(seq, 0, random_tensor(rng, 1, 100, 64).view(),
+               random_tensor(rng, 1, 100, 64).view());
   // A host that never calls attend: compression happens before the next append.
   CHECK(cache.tokens(seq, 0, 0) == 100);
   cache.append(seq, 0, random_tensor(rng, 1, 1, 64).view(), random_tensor(rng, 1, 1, 64).view());

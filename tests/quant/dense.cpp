@@ -46,13 +46,14 @@ void check_dense_format(float relative_rounding) {
   }
   std::vector<float> decoded_values(tokens * d);
   for (std::size_t t = 0; t < tokens; ++t) {
-    dense.decode_value(value_codes.data() + t * dense.value_bytes(d), d, decoded_values.data() + t * d);
+    dense.decode_value(value_codes.data() + t * dense.value_bytes(d), d,
+                       decoded_values.data() + t * d);
   }
 
   // Fused kernels on the codes == float64 math on the decoded values.
   std::vector<float> scores(rows * tokens), scratch(tokens * d), acc(rows * d, 0.0F);
-  dense.score_tile(kvc::ScoreTile{queries.data(), rows, key_codes.data(), tokens, d,
-                                  scores.data(), tokens, scratch.data()});
+  dense.score_tile(kvc::ScoreTile{queries.data(), rows, key_codes.data(), tokens, d, scores.data(),
+                                  tokens, scratch.data()});
   dense.accumulate_tile(kvc::AccumulateTile{p.data(), rows, tokens, value_codes.data(), tokens, d,
                                             acc.data(), scratch.data()});
   for (std::size_t r = 0; r < rows; ++r) {

@@ -16,19 +16,24 @@ struct Tensor3 {
   std::vector<float> data;
 
   Tensor3() = default;
-  Tensor3(std::size_t h, std::size_t t, std::size_t d) : heads(h), tokens(t), dim(d), data(h * t * d) {}
+  Tensor3(std::size_t h, std::size_t t, std::size_t d)
+      : heads(h), tokens(t), dim(d), data(h * t * d) {}
 
-  float& at(std::size_t h, std::size_t t, std::size_t c) { return data[(h * tokens + t) * dim + c]; }
+  float& at(std::size_t h, std::size_t t, std::size_t c) {
+    return data[(h * tokens + t) * dim + c];
+  }
   float at(std::size_t h, std::size_t t, std::size_t c) const {
     return data[(h * tokens + t) * dim + c];
   }
-  View<const float, 3> view() const { return View<const float, 3>(data.data(), {heads, tokens, dim}); }
+  View<const float, 3> view() const {
+    return View<const float, 3>(data.data(), {heads, tokens, dim});
+  }
   View<float, 3> mutable_view() { return View<float, 3>(data.data(), {heads, tokens, dim}); }
   // Tokens [first, first + count) of every head, as a strided view into this tensor.
   View<const float, 3> slice(std::size_t first, std::size_t count) const {
-    return View<const float, 3>(data.data() + first * dim, {heads, count, dim},
-                                {static_cast<std::ptrdiff_t>(tokens * dim),
-                                 static_cast<std::ptrdiff_t>(dim), 1});
+    return View<const float, 3>(
+        data.data() + first * dim, {heads, count, dim},
+        {static_cast<std::ptrdiff_t>(tokens * dim), static_cast<std::ptrdiff_t>(dim), 1});
   }
 };
 
@@ -43,8 +48,8 @@ inline Tensor3 random_tensor(std::mt19937& rng, std::size_t h, std::size_t t, st
 // Exact (float64) GQA attention of queries on a set of stored tokens of one kv head.
 // keys/values: [tokens][dim] row-major; positions ascending; query at `query_position`
 // sees tokens with position ≤ it. Returns dim outputs.
-inline std::vector<double> reference_attention(const std::vector<float>& query,
-                                               const float* keys, const float* values,
+inline std::vector<double> reference_attention(const std::vector<float>& query, const float* keys,
+                                               const float* values,
                                                const std::vector<Position>& positions,
                                                Position query_position, std::size_t dim) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
@@ -85,7 +90,8 @@ inline std::vector<double> reference_weights(const std::vector<float>& query, co
     max_score = std::max(max_score, weights[visible]);
   }
   double total = 0;
-  for (std::size_t i = 0; i < visible; ++i) total += (weights[i] = std::exp(weights[i] - max_score));
+  for (std::size_t i = 0; i < visible; ++i)
+    total += (weights[i] = std::exp(weights[i] - max_score));
   for (std::size_t i = 0; i < visible; ++i) weights[i] /= total;
   return weights;
 }

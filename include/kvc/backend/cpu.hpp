@@ -17,10 +17,10 @@ struct Cpu {
   static constexpr std::string_view name() noexcept { return "cpu"; }
 
   std::byte* allocate(std::size_t bytes) const {
-    return static_cast<std::byte*>(::operator new(bytes, std::align_val_t{alignment}));
+    return static_cast<std::byte*>(::operator new (bytes, std::align_val_t{alignment}));
   }
   void deallocate(std::byte* pointer, std::size_t bytes) const noexcept {
-    ::operator delete(pointer, bytes, std::align_val_t{alignment});
+    ::operator delete (pointer, bytes, std::align_val_t{alignment});
   }
 };
 

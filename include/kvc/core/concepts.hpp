@@ -31,8 +31,8 @@ concept NamedPolicy = requires {
 
 // Per (sequence, layer, kv head) state the cache stores for the policy and copies on fork.
 template <class P>
-concept HasHeadState = std::default_initializable<typename P::HeadState> &&
-                       std::copyable<typename P::HeadState>;
+concept HasHeadState =
+    std::default_initializable<typename P::HeadState> && std::copyable<typename P::HeadState>;
 
 // Optional: report the heap bytes a HeadState holds, so stats() can count them.
 template <class P>
@@ -83,9 +83,8 @@ concept ObservesQueries = requires(S& scorer, typename S::HeadState& state,
 };
 
 template <class S>
-concept EvictionScorer =
-    NamedPolicy<S> && HasHeadState<S> && DeclaresEviction<S> && TracksAppends<S> &&
-    ScoresTokens<S> && CompactsState<S>;
+concept EvictionScorer = NamedPolicy<S> && HasHeadState<S> && DeclaresEviction<S> &&
+    TracksAppends<S> && ScoresTokens<S> && CompactsState<S>;
 
 // ---------------------------------------------------------------------------------------
 // Budget planner: how a budget splits across the heads of a layer (and across layers).
@@ -136,8 +135,8 @@ concept FusedAttendKernels = requires(const Q& quantizer, const ScoreTile& score
 };
 
 template <class Q>
-concept Quantizer = NamedPolicy<Q> && SizesTokens<Q> && EncodesTokens<Q> &&
-                    DecodesTokens<Q> && FusedAttendKernels<Q>;
+concept Quantizer = NamedPolicy<Q> && SizesTokens<Q> && EncodesTokens<Q> && DecodesTokens<Q> &&
+    FusedAttendKernels<Q>;
 
 // ---------------------------------------------------------------------------------------
 // Retrieval index: which stored pages a query reads.
@@ -150,18 +149,17 @@ concept DeclaresCoverage = requires {
 // An index that reads a subset must track appends (it gets fp32 keys), compaction, and
 // pick pages for a query.
 template <class I>
-concept SelectsPages =
-    requires(I& index, typename I::HeadState& state, const AppendEvent& append,
-             std::span<const std::uint32_t> kept, const SelectContext& context,
-             std::vector<std::uint32_t>& pages) {
-      index.on_append(state, append);
-      index.on_compact(state, kept);
-      index.select_pages(std::as_const(state), context, pages);
-    };
+concept SelectsPages = requires(I& index, typename I::HeadState& state, const AppendEvent& append,
+                                std::span<const std::uint32_t> kept, const SelectContext& context,
+                                std::vector<std::uint32_t>& pages) {
+  index.on_append(state, append);
+  index.on_compact(state, kept);
+  index.select_pages(std::as_const(state), context, pages);
+};
 
 template <class I>
-concept RetrievalIndex =
-    NamedPolicy<I> && HasHeadState<I> && DeclaresCoverage<I> && (I::reads_all || SelectsPages<I>);
+concept RetrievalIndex = NamedPolicy<I> && HasHeadState<I> && DeclaresCoverage<I> &&
+    (I::reads_all || SelectsPages<I>);
 
 // ---------------------------------------------------------------------------------------
 // Offload backend: where cold pages live and how they come back.

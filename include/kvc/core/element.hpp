@@ -10,8 +10,8 @@ namespace kvc {
 
 // float, IEEE half (Eigen::half) or bfloat16 (Eigen::bfloat16): what engines hand over.
 template <class T>
-concept Element = std::same_as<T, float> || std::same_as<T, Eigen::half> ||
-                  std::same_as<T, Eigen::bfloat16>;
+concept Element =
+    std::same_as<T, float> || std::same_as<T, Eigen::half> || std::same_as<T, Eigen::bfloat16>;
 
 template <Element T>
 constexpr std::string_view element_name() noexcept {

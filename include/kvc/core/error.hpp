@@ -7,7 +7,7 @@
 // runs before the first write.
 #pragma once
 
-#include <fmt/format.h>
+#include <kvc/core/format.hpp>
 
 #include <stdexcept>
 #include <string>

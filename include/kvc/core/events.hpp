@@ -65,9 +65,9 @@ struct ScoreContext {
 struct LayerPlan {
   Geometry geometry{};
   std::size_t layer = 0;
-  std::size_t base_budget = 0;              // the cache budget resolved for tokens_seen
-  std::size_t tokens_seen = 0;              // tokens ever appended to this layer
-  std::span<const std::size_t> stored{};    // tokens held now, per kv head
+  std::size_t base_budget = 0;            // the cache budget resolved for tokens_seen
+  std::size_t tokens_seen = 0;            // tokens ever appended to this layer
+  std::span<const std::size_t> stored{};  // tokens held now, per kv head
 };
 
 // One page tile handed to a quantizer's fused score kernel:

@@ -63,8 +63,8 @@ struct SequenceId {
 // export_dense(): one layer of one sequence decoded to fp32, per kv head.
 struct DenseLayer {
   using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  std::vector<Matrix> keys;                   // [kv_head] → tokens × head_dim
-  std::vector<Matrix> values;                 // [kv_head] → tokens × head_dim
+  std::vector<Matrix> keys;                      // [kv_head] → tokens × head_dim
+  std::vector<Matrix> values;                    // [kv_head] → tokens × head_dim
   std::vector<std::vector<Position>> positions;  // [kv_head] → tokens
 };
 
@@ -177,7 +177,8 @@ class KvCache {
       check_finite(v, "append", "v");
     }
     Layer& store = sequence.layers[layer];
-    if (store.tokens_seen + count > static_cast<std::size_t>(std::numeric_limits<Position>::max())) {
+    if (store.tokens_seen + count >
+        static_cast<std::size_t>(std::numeric_limits<Position>::max())) {
       detail::fail<Error>("append: layer {} would hold position {}, past the int32 limit", layer,
                           store.tokens_seen + count);
     }
@@ -250,8 +251,8 @@ class KvCache {
         for (std::size_t p = 0; p < head.pages.size(); ++p) {
           const std::size_t first = p * options_.page_tokens;
           const std::size_t tokens = std::min(options_.page_tokens, n - first);
-          quantizer_.score_tile(ScoreTile{queries_.data(), rows, pool_.data(head.pages[p]),
-                                          tokens, geometry_.head_dim, weights_.data() + first, n,
+          quantizer_.score_tile(ScoreTile{queries_.data(), rows, pool_.data(head.pages[p]), tokens,
+                                          geometry_.head_dim, weights_.data() + first, n,
                                           tile_scratch_.data()});
         }
         for (std::size_t r = 0; r < rows; ++r) {
@@ -294,8 +295,8 @@ class KvCache {
         attend_block(store, head, layer, h, q, out, t0, std::min(query_block, count - t0));
       }
       if constexpr (ConsumesAttention<Scorer>) {
-        scorer_.on_attention(head.scorer_state,
-                             AttentionEvent{layer, h, head_weights_, count * geometry_.group_size()});
+        scorer_.on_attention(head.scorer_state, AttentionEvent{layer, h, head_weights_,
+                                                               count * geometry_.group_size()});
       }
     }
     if (options_.auto_compress && over_budget(store, layer)) compress_layer(store, layer);
@@ -486,16 +487,16 @@ class KvCache {
   void check_heads_view(const View<T, 3>& view, std::size_t heads, const char* function,
                         const char* argument, const char* what) const {
     if (view.extent(0) != heads) {
-      detail::fail<ShapeError>("{}: {} has {} {}, cache has {}", function, argument,
-                               view.extent(0), what, heads);
+      detail::fail<ShapeError>("{}: {} has {} {}, cache has {}", function, argument, view.extent(0),
+                               what, heads);
     }
     if (view.extent(2) != geometry_.head_dim) {
       detail::fail<ShapeError>("{}: {} has head_dim {}, cache has {}", function, argument,
                                view.extent(2), geometry_.head_dim);
     }
     if (view.extent(1) > 0 && view.stride(2) != 1) {
-      detail::fail<ShapeError>("{}: {} has head_dim stride {}, kvc needs 1 (contiguous)",
-                               function, argument, view.stride(2));
+      detail::fail<ShapeError>("{}: {} has head_dim stride {}, kvc needs 1 (contiguous)", function,
+                               argument, view.stride(2));
     }
     if (view.extent(1) > 0 && view.data() == nullptr) {
       detail::fail<ShapeError>("{}: {} has {} tokens but no data", function, argument,
@@ -515,11 +516,29 @@ class KvCache {
     }
   }
 
+  // Non-finite means an all-ones exponent. The bit test has no early exit, so it
+  // vectorizes; only a row that fails is rescanned to name the bad element.
+  template <class E>
+  static bool row_is_finite(const E* row, std::size_t n) noexcept {
+    using Bits = std::conditional_t<sizeof(E) == 4, std::uint32_t, std::uint16_t>;
+    constexpr auto exponent = static_cast<Bits>(std::is_same_v<E, float>         ? 0x7f800000U
+                                                : std::is_same_v<E, Eigen::half> ? 0x7c00U
+                                                                                 : 0x7f80U);
+    unsigned bad = 0;
+    for (std::size_t c = 0; c < n; ++c) {
+      Bits bits;
+      std::memcpy(&bits, row + c, sizeof(Bits));
+      bad |= static_cast<unsigned>((bits & exponent) == exponent);
+    }
+    return bad == 0;
+  }
+
   template <class T>
   static void check_finite(const View<T, 3>& view, const char* function, const char* argument) {
     for (std::size_t h = 0; h < view.extent(0); ++h) {
       for (std::size_t t = 0; t < view.extent(1); ++t) {
         const auto* row = view.pointer(h, t);
+        if (row_is_finite(row, view.extent(2))) continue;
         for (std::size_t c = 0; c < view.extent(2); ++c) {
           const float x = static_cast<float>(row[c]);
           if (!std::isfinite(x)) {
@@ -608,7 +627,6 @@ class KvCache {
     running_max_.assign(rows, minus_infinity);
     running_sum_.assign(rows, 0.0F);
     accumulator_.assign(rows * d, 0.0F);
-    scores_.resize(rows * page_tokens);
     if constexpr (ConsumesAttention<Scorer>) weights_.assign(rows * head.tokens, minus_infinity);
 
     const std::size_t reachable_pages = pages_for(reach);
@@ -618,10 +636,10 @@ class KvCache {
         pages_to_read_.push_back(static_cast<std::uint32_t>(p));
       }
     } else {
-      index_.select_pages(std::as_const(head.index_state),
-                          SelectContext{layer, kv_head, queries_.data(), rows, d,
-                                        reachable_pages, page_tokens},
-                          pages_to_read_);
+      index_.select_pages(
+          std::as_const(head.index_state),
+          SelectContext{layer, kv_head, queries_.data(), rows, d, reachable_pages, page_tokens},
+          pages_to_read_);
       // The newest reachable page holds the queries' own tokens: always read it.
       const auto last = static_cast<std::uint32_t>(reachable_pages - 1);
       std::erase_if(pages_to_read_, [&](std::uint32_t p) { return p >= reachable_pages; });
@@ -634,36 +652,63 @@ class KvCache {
                            pages_to_read_.end());
     }
 
-    for (std::uint32_t p : pages_to_read_) {
-      const std::size_t page_first = p * page_tokens;
-      const std::size_t tokens = std::min(page_tokens, reach - page_first);
-      const std::byte* page = pool_.data(head.pages[p]);
-      quantizer_.score_tile(ScoreTile{queries_.data(), rows, page, tokens, d, scores_.data(),
-                                      page_tokens, tile_scratch_.data()});
+    // Pages are scored in runs of up to `run_tokens` tokens, then one online-softmax
+    // update per row covers the whole run, then the run's values are accumulated: each page
+    // is still read once, and the per-row softmax bookkeeping is amortized over many pages.
+    const std::size_t run_tokens =
+        std::max(page_tokens, std::size_t{256} / page_tokens * page_tokens);
+    scores_.resize(rows * run_tokens);
+    for (std::size_t begin = 0; begin < pages_to_read_.size();) {
+      std::size_t end = begin;
+      std::size_t width = 0;  // tokens in this run
+      run_offsets_.clear();
+      while (end < pages_to_read_.size() && width + page_tokens <= run_tokens) {
+        const std::size_t page_first = pages_to_read_[end] * page_tokens;
+        const std::size_t tokens = std::min(page_tokens, reach - page_first);
+        quantizer_.score_tile(ScoreTile{queries_.data(), rows,
+                                        pool_.data(head.pages[pages_to_read_[end]]), tokens, d,
+                                        scores_.data() + width, run_tokens, tile_scratch_.data()});
+        run_offsets_.push_back(width);
+        width += tokens;
+        ++end;
+      }
       for (std::size_t r = 0; r < rows; ++r) {
-        float* row = scores_.data() + r * page_tokens;
+        float* row = scores_.data() + r * run_tokens;
         const std::size_t seen = visible[r % count];
-        const std::size_t live = seen > page_first ? std::min(tokens, seen - page_first) : 0;
-        std::fill(row + live, row + tokens, minus_infinity);
-        if constexpr (ConsumesAttention<Scorer>) {
-          std::copy(row, row + tokens, weights_.data() + r * head.tokens + page_first);
+        // Mask each page's part of the row beyond what this query may see (causal).
+        for (std::size_t i = begin; i < end; ++i) {
+          const std::size_t page_first = pages_to_read_[i] * page_tokens;
+          const std::size_t offset = run_offsets_[i - begin];
+          const std::size_t tokens = (i + 1 < end ? run_offsets_[i + 1 - begin] : width) - offset;
+          const std::size_t live = seen > page_first ? std::min(tokens, seen - page_first) : 0;
+          std::fill(row + offset + live, row + offset + tokens, minus_infinity);
+          if constexpr (ConsumesAttention<Scorer>) {
+            std::copy(row + offset, row + offset + tokens,
+                      weights_.data() + r * head.tokens + page_first);
+          }
         }
         // Online softmax: rescale what was accumulated when the running max grows.
-        const float tile_max = simd::max_value(row, tokens);
-        const float new_max = std::max(running_max_[r], tile_max);
+        const float run_max = simd::max_value(row, width);
+        const float new_max = std::max(running_max_[r], run_max);
         if (new_max == minus_infinity) {
-          std::fill(row, row + tokens, 0.0F);
+          std::fill(row, row + width, 0.0F);
           continue;
         }
         const float correction = std::exp(running_max_[r] - new_max);
-        const float tile_sum = simd::exp_shift_sum(row, tokens, new_max);
-        running_sum_[r] = running_sum_[r] * correction + tile_sum;
+        const float run_sum = simd::exp_shift_sum(row, width, new_max);
+        running_sum_[r] = running_sum_[r] * correction + run_sum;
         if (correction != 1.0F) simd::scale(correction, accumulator_.data() + r * d, d);
         running_max_[r] = new_max;
       }
-      quantizer_.accumulate_tile(AccumulateTile{scores_.data(), rows, page_tokens,
-                                                page + value_offset_, tokens, d,
-                                                accumulator_.data(), tile_scratch_.data()});
+      for (std::size_t i = begin; i < end; ++i) {
+        const std::size_t offset = run_offsets_[i - begin];
+        const std::size_t tokens = (i + 1 < end ? run_offsets_[i + 1 - begin] : width) - offset;
+        quantizer_.accumulate_tile(
+            AccumulateTile{scores_.data() + offset, rows, run_tokens,
+                           pool_.data(head.pages[pages_to_read_[i]]) + value_offset_, tokens, d,
+                           accumulator_.data(), tile_scratch_.data()});
+      }
+      begin = end;
     }
 
     for (std::size_t r = 0; r < rows; ++r) {
@@ -731,8 +776,8 @@ class KvCache {
     positions_.resize(n);
     for (std::size_t slot = 0; slot < n; ++slot) positions_[slot] = position_at(head, slot);
     token_scores_.assign(n, 0.0F);
-    scorer_.score(head.scorer_state,
-                  ScoreContext{layer, kv_head, positions_, budget, tokens_seen}, token_scores_);
+    scorer_.score(head.scorer_state, ScoreContext{layer, kv_head, positions_, budget, tokens_seen},
+                  token_scores_);
     for (float& score : token_scores_) {
       if (std::isnan(score)) score = -std::numeric_limits<float>::infinity();
     }
@@ -835,7 +880,7 @@ class KvCache {
   // Scratch reused across calls so the hot path does not allocate once warmed up.
   std::vector<float> queries_, scores_, accumulator_, running_max_, running_sum_, tile_scratch_;
   std::vector<float> weights_, head_weights_, key_scratch_, token_scores_;
-  std::vector<std::size_t> visible_, head_budgets_, stored_;
+  std::vector<std::size_t> visible_, head_budgets_, stored_, run_offsets_;
   std::vector<std::uint32_t> pages_to_read_, kept_;
   std::vector<Position> positions_;
 };

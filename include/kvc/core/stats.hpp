@@ -10,7 +10,7 @@
 // of every token ever appended would hold (the usual baseline of the papers).
 #pragma once
 
-#include <fmt/format.h>
+#include <kvc/core/format.hpp>
 
 #include <cstddef>
 #include <string_view>
@@ -42,9 +42,9 @@ struct CacheStats {
   // What an uncompressed fp16 cache of every appended token would hold.
   std::size_t dense_f16_bytes() const noexcept { return tokens_seen * kv_heads * 2 * head_dim * 2; }
   double compression_ratio() const noexcept {
-    return bytes_held() == 0 ? 1.0
-                             : static_cast<double>(dense_f16_bytes()) /
-                                   static_cast<double>(bytes_held());
+    return bytes_held() == 0
+               ? 1.0
+               : static_cast<double>(dense_f16_bytes()) / static_cast<double>(bytes_held());
   }
 };
 

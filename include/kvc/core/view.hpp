@@ -22,8 +22,7 @@ class View {
   constexpr View() noexcept = default;
 
   // Contiguous row-major (the last index moves fastest).
-  constexpr View(T* data, const extents_type& extents) noexcept
-      : data_(data), extents_(extents) {
+  constexpr View(T* data, const extents_type& extents) noexcept : data_(data), extents_(extents) {
     std::ptrdiff_t stride = 1;
     for (std::size_t r = Rank; r-- > 0;) {
       strides_[r] = stride;
@@ -55,9 +54,7 @@ class View {
 
   template <class... I>
     requires(sizeof...(I) == Rank && (std::is_integral_v<I> && ...))
-  constexpr T& operator()(I... indices) const noexcept {
-    return *pointer(indices...);
-  }
+  constexpr T& operator()(I... indices) const noexcept { return *pointer(indices...); }
 
   // Address of an element; with fewer indices than Rank, the start of that sub-block.
   template <class... I>

@@ -38,12 +38,13 @@ class StreamingLLM {
   void on_append(HeadState&, const AppendEvent&) noexcept {}
 
   // Sinks score +inf; every other token scores its position, so the newest win.
-  void score(const HeadState&, const ScoreContext& context, std::span<float> scores) const noexcept {
+  void score(const HeadState&, const ScoreContext& context,
+             std::span<float> scores) const noexcept {
     const auto sink = static_cast<Position>(options_.sink);
     for (std::size_t i = 0; i < scores.size(); ++i) {
       const Position position = context.positions[i];
-      scores[i] = position < sink ? std::numeric_limits<float>::infinity()
-                                  : static_cast<float>(position);
+      scores[i] =
+          position < sink ? std::numeric_limits<float>::infinity() : static_cast<float>(position);
     }
   }
 
