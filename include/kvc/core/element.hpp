@@ -1,6 +1,9 @@
 // kvc/core/element.hpp — the element types host tensors may use at the API boundary.
 #pragma once
 
+// First, so that g++ 12's intrinsic-header warning is silenced before Eigen includes them.
+#include <kvc/simd/intrinsics.hpp>
+
 #include <Eigen/Core>
 
 #include <concepts>
