@@ -492,3 +492,67 @@ TEST_CASE("observe hands scorers the window queries' softmax over all keys",
     }
   }
 }
+
+namespace {
+
+// Keeps the tokens with the smallest key norm (Knorm's rule) from the stored keys, and
+// records the appended keys it was shown.
+struct SmallestKeyNorm : kvc::evict::Full {
+  static constexpr bool evicts = true;
+  static constexpr bool wants_appended_keys = true;
+  static constexpr bool scores_stored_keys = true;
+  struct HeadState {
+    std::vector<float> appended;
+  };
+  void on_append(HeadState& state, const kvc::AppendEvent& event) {
+    state.appended.insert(state.appended.end(), event.keys.begin(), event.keys.end());
+  }
+  void score(const HeadState&, const kvc::ScoreContext& context, std::span<float> scores) const {
+    REQUIRE(context.head_dim == 64);
+    REQUIRE(context.keys.size() == scores.size() * 64);
+    for (std::size_t i = 0; i < scores.size(); ++i) {
+      double norm = 0;
+      for (std::size_t c = 0; c < context.head_dim; ++c) {
+        norm +=
+            double(context.keys[i * context.head_dim + c]) * context.keys[i * context.head_dim + c];
+      }
+      scores[i] = static_cast<float>(-norm);
+    }
+  }
+  void on_compact(HeadState&, std::span<const std::uint32_t>) noexcept {}
+};
+
+}  // namespace
+
+TEST_CASE("scorers that ask for keys get the appended and the stored keys", "[kv_cache][scorer]") {
+  static_assert(kvc::WantsAppendedKeys<SmallestKeyNorm> && kvc::ScoresStoredKeys<SmallestKeyNorm>);
+  static_assert(!kvc::WantsAppendedKeys<kvc::evict::H2O> &&
+                !kvc::ScoresStoredKeys<kvc::evict::H2O>);
+  const kvc::Geometry geometry{.layers = 1, .q_heads = 2, .kv_heads = 2, .head_dim = 64};
+  std::mt19937 rng(8);
+  kvc::KvCache<SmallestKeyNorm, kvc::quant::Dense<Eigen::half>> cache(
+      geometry, {.budget = kvc::Budget::tokens(10), .page_tokens = 4});
+  const auto seq = cache.open_sequence();
+  Tensor3 k = random_tensor(rng, 2, 30, 64);
+  // Scale each token's key so its norm rank is known: token t has norm ∝ (1 + (t * 7) % 30).
+  for (std::size_t h = 0; h < 2; ++h) {
+    for (std::size_t t = 0; t < 30; ++t) {
+      double norm = 0;
+      for (std::size_t c = 0; c < 64; ++c) norm += double(k.at(h, t, c)) * k.at(h, t, c);
+      const double target = 1.0 + static_cast<double>((t * 7) % 30);
+      for (std::size_t c = 0; c < 64; ++c)
+        k.at(h, t, c) = static_cast<float>(k.at(h, t, c) * target / std::sqrt(norm));
+    }
+  }
+  append_tensors(cache, seq, 0, k, random_tensor(rng, 2, 30, 64));
+  CHECK(cache.scorer_state(seq, 0, 1).appended ==
+        std::vector<float>(k.data.begin() + 30 * 64, k.data.end()));
+  cache.compress(seq);
+  // The 10 smallest norms: (t * 7) % 30 < 10.
+  std::vector<kvc::Position> expected;
+  for (kvc::Position t = 0; t < 30; ++t) {
+    if ((t * 7) % 30 < 10) expected.push_back(t);
+  }
+  CHECK(cache.positions(seq, 0, 0) == expected);
+  CHECK(cache.positions(seq, 0, 1) == expected);
+}

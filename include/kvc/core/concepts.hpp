@@ -82,6 +82,20 @@ concept ObservesQueries = requires(S& scorer, typename S::HeadState& state,
   scorer.on_observe(state, event);
 };
 
+// Optional flags: `static constexpr bool wants_appended_keys = true;` fills
+// AppendEvent::keys; `static constexpr bool scores_stored_keys = true;` fills
+// ScoreContext::keys. Both cost an fp32 widening of the keys concerned, so they are off
+// unless the scorer asks.
+template <class S>
+concept WantsAppendedKeys = requires {
+  requires static_cast<bool>(S::wants_appended_keys);
+};
+
+template <class S>
+concept ScoresStoredKeys = requires {
+  requires static_cast<bool>(S::scores_stored_keys);
+};
+
 template <class S>
 concept EvictionScorer = NamedPolicy<S> && HasHeadState<S> && DeclaresEviction<S> &&
     TracksAppends<S> && ScoresTokens<S> && CompactsState<S>;

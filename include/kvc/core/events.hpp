@@ -23,8 +23,9 @@ struct AppendEvent {
   std::size_t kv_head = 0;
   Position first_position = 0;
   std::size_t count = 0;
-  // The new keys as fp32, [count][head_dim]; filled only for policies that ask for keys
-  // (RetrievalIndex with reads_all == false), empty otherwise.
+  // The new keys as fp32, [count][head_dim] (as the host gave them, before encoding);
+  // filled only when a policy asks for keys (a RetrievalIndex with reads_all == false, or
+  // a scorer with `wants_appended_keys`), empty otherwise.
   std::span<const float> keys{};
   std::size_t head_dim = 0;
 };
@@ -59,6 +60,10 @@ struct ScoreContext {
   std::span<const Position> positions{};  // per stored token, ascending
   std::size_t budget = 0;                 // tokens that will survive
   std::size_t tokens_seen = 0;            // tokens ever appended to this layer
+  // The stored keys decoded to fp32, [tokens][head_dim]; filled only for scorers with
+  // `scores_stored_keys` (Knorm, KeyDiff, merging), empty otherwise.
+  std::span<const float> keys{};
+  std::size_t head_dim = 0;
 };
 
 // Asked of a budget planner before a layer is compressed.

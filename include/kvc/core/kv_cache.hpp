@@ -215,11 +215,11 @@ class KvCache {
                     sizeof(Position));
       }
       AppendEvent event{layer, h, first_position, count, {}, geometry_.head_dim};
-      if constexpr (!Index::reads_all) {
+      if constexpr (!Index::reads_all || WantsAppendedKeys<Scorer>) {
         widen_keys(k, h, count);
         event.keys = std::span<const float>(key_scratch_.data(), count * geometry_.head_dim);
-        index_.on_append(head.index_state, event);
       }
+      if constexpr (!Index::reads_all) index_.on_append(head.index_state, event);
       scorer_.on_append(head.scorer_state, event);
       head.tokens += count;
     }
@@ -776,8 +776,18 @@ class KvCache {
     positions_.resize(n);
     for (std::size_t slot = 0; slot < n; ++slot) positions_[slot] = position_at(head, slot);
     token_scores_.assign(n, 0.0F);
-    scorer_.score(head.scorer_state, ScoreContext{layer, kv_head, positions_, budget, tokens_seen},
-                  token_scores_);
+    ScoreContext context{layer, kv_head, positions_, budget, tokens_seen, {}, geometry_.head_dim};
+    if constexpr (ScoresStoredKeys<Scorer>) {
+      const std::size_t d = geometry_.head_dim;
+      key_scratch_.resize(n * d);
+      for (std::size_t slot = 0; slot < n; ++slot) {
+        quantizer_.decode_key(pool_.data(head.pages[slot / options_.page_tokens]) +
+                                  (slot % options_.page_tokens) * key_bytes_,
+                              d, key_scratch_.data() + slot * d);
+      }
+      context.keys = std::span<const float>(key_scratch_.data(), n * d);
+    }
+    scorer_.score(head.scorer_state, context, token_scores_);
     for (float& score : token_scores_) {
       if (std::isnan(score)) score = -std::numeric_limits<float>::infinity();
     }
