@@ -556,3 +556,85 @@ TEST_CASE("scorers that ask for keys get the appended and the stored keys", "[kv
   CHECK(cache.positions(seq, 0, 0) == expected);
   CHECK(cache.positions(seq, 0, 1) == expected);
 }
+
+TEST_CASE("truncate rolls back rejected speculative tokens and frees their pages",
+          "[kv_cache][sequences]") {
+  const kvc::Geometry geometry{.layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64};
+  std::mt19937 rng(12);
+  kvc::KvCache<kvc::evict::H2O> cache(geometry,
+                                      {.budget = kvc::Budget::tokens(64), .page_tokens = 8});
+  const auto seq = cache.open_sequence();
+  Tensor3 out(4, 40, 64);
+  for (std::size_t l = 0; l < 2; ++l) {
+    append_tensors(cache, seq, l, random_tensor(rng, 2, 40, 64), random_tensor(rng, 2, 40, 64));
+    cache.attend(seq, l, random_tensor(rng, 4, 40, 64).view(), out.mutable_view());
+  }
+  const Snapshot<kvc::KvCache<kvc::evict::H2O>> accepted(cache, seq);
+  // Draft 5 tokens, verify them with one 5-query attend, reject the last 3.
+  Tensor3 draft_out(4, 5, 64);
+  for (std::size_t l = 0; l < 2; ++l) {
+    append_tensors(cache, seq, l, random_tensor(rng, 2, 5, 64), random_tensor(rng, 2, 5, 64));
+    cache.attend(seq, l, random_tensor(rng, 4, 5, 64).view(), draft_out.mutable_view());
+  }
+  CHECK(cache.stats().pages_in_use == 2 * 2 * 6);  // 45 tokens in pages of 8
+  CHECK_THROWS_WITH(cache.truncate(seq, 46),
+                    "truncate: length 46 is past the 45 tokens layer 0 has seen");
+  cache.truncate(seq, 42);
+  CHECK(cache.tokens_seen(seq, 1) == 42);
+  CHECK(cache.positions(seq, 1, 0).back() == 41);
+  CHECK(cache.scorer_state(seq, 1, 0).accumulated.size() == 42);
+  CHECK(cache.stats().pages_in_use == 2 * 2 * 6);  // 42 tokens still need 6 pages
+  cache.truncate(seq, 40);
+  CHECK(cache.stats().pages_in_use == 2 * 2 * 5);
+  // K/V and positions are exactly those before the draft.
+  const Snapshot<kvc::KvCache<kvc::evict::H2O>> rolled_back(cache, seq);
+  CHECK(rolled_back == accepted);
+  // Decoding continues at position 40.
+  append_tensors(cache, seq, 0, random_tensor(rng, 2, 1, 64), random_tensor(rng, 2, 1, 64));
+  CHECK(cache.positions(seq, 0, 1).back() == 40);
+}
+
+TEST_CASE("values a format cannot hold are rejected, not stored as infinity",
+          "[kv_cache][errors]") {
+  const kvc::Geometry geometry{.layers = 1, .q_heads = 1, .kv_heads = 1, .head_dim = 8};
+  kvc::KvCache<kvc::evict::Full, kvc::quant::Dense<Eigen::half>> half_cache(geometry);
+  const auto seq = half_cache.open_sequence();
+  Tensor3 k(1, 1, 8);
+  k.at(0, 0, 3) = 65504.0F;  // f16's largest finite value: fine
+  CHECK_NOTHROW(half_cache.append(seq, 0, k.view(), k.view()));
+  k.at(0, 0, 5) = -1e5F;
+  CHECK_THROWS_WITH(half_cache.append(seq, 0, k.view(), k.view()),
+                    "append: k[0][0][5] is -100000, beyond the ±65504 that 'dense_f16' stores");
+  CHECK(half_cache.tokens(seq, 0, 0) == 1);
+  // bf16 input: its largest value ≤ 65504 is 65280; 65536 is rejected.
+  std::vector<Eigen::bfloat16> bf(8, Eigen::bfloat16(65280.0F));
+  const kvc::View<const Eigen::bfloat16, 3> bf_view(bf.data(), {1, 1, 8});
+  CHECK_NOTHROW(half_cache.append(seq, 0, bf_view, bf_view));
+  bf[7] = Eigen::bfloat16(65536.0F);
+  CHECK_THROWS_AS(half_cache.append(seq, 0, bf_view, bf_view), kvc::ValueError);
+  // The same value is fine where the format holds it.
+  kvc::KvCache<> float_cache(geometry);
+  const auto float_seq = float_cache.open_sequence();
+  CHECK_NOTHROW(float_cache.append(float_seq, 0, k.view(), k.view()));
+}
+
+TEST_CASE("eviction slack lets decode run over budget before compressing back",
+          "[kv_cache][budget]") {
+  const kvc::Geometry geometry{.layers = 1, .q_heads = 2, .kv_heads = 1, .head_dim = 64};
+  std::mt19937 rng(13);
+  kvc::KvCache<kvc::evict::StreamingLLM> cache(
+      geometry, {.budget = kvc::Budget::tokens(20), .page_tokens = 8, .eviction_slack = 4});
+  const auto seq = cache.open_sequence();
+  Tensor3 out(2, 1, 64);
+  std::vector<std::size_t> held;
+  for (int step = 0; step < 30; ++step) {
+    cache.append(seq, 0, random_tensor(rng, 1, 1, 64).view(), random_tensor(rng, 1, 1, 64).view());
+    cache.attend(seq, 0, random_tensor(rng, 2, 1, 64).view(), out.mutable_view());
+    held.push_back(cache.tokens(seq, 0, 0));
+  }
+  // Grows to 24 (budget + slack), then drops back to 20 when it passes 24.
+  CHECK(*std::max_element(held.begin(), held.end()) == 24);
+  CHECK(held[24] == 20);  // step 25 appended the 25th token: over 24, compressed to 20
+  cache.compress(seq);    // explicit compression ignores the slack
+  CHECK(cache.tokens(seq, 0, 0) == 20);
+}

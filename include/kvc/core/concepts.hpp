@@ -148,6 +148,12 @@ concept FusedAttendKernels = requires(const Q& quantizer, const ScoreTile& score
   quantizer.accumulate_tile(accumulate_tile);
 };
 
+// Optional: the largest |x| the format can store; KvCache rejects larger inputs.
+template <class Q>
+concept BoundsMagnitude = requires {
+  { Q::max_magnitude() } -> std::convertible_to<float>;
+};
+
 template <class Q>
 concept Quantizer = NamedPolicy<Q> && SizesTokens<Q> && EncodesTokens<Q> && DecodesTokens<Q> &&
     FusedAttendKernels<Q>;

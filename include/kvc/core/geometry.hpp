@@ -95,8 +95,14 @@ struct CacheOptions {
   // Compress a layer to budget at the end of attend() and before append() when it is over
   // budget. Off: only an explicit compress() evicts.
   bool auto_compress = true;
-  // Reject NaN/Inf in appended K/V (one O(n·d) scan; a NaN key poisons every later softmax).
+  // Reject NaN/Inf in appended K/V, and values beyond what the quantizer can store (e.g.
+  // |x| > 65504 for f16): one vectorized O(n·d) scan; a NaN key poisons every softmax.
   bool check_finite = true;
+  // Decode-time eviction may let a head run `eviction_slack` tokens over budget before
+  // compressing it back to the budget. 0 (default) evicts every step, exactly as the
+  // papers specify; a slack of s amortizes the compaction (which shifts the kept tokens)
+  // over s + 1 steps at the price of s extra tokens per head. compress() ignores it.
+  std::size_t eviction_slack = 0;
 };
 
 }  // namespace kvc

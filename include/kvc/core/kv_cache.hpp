@@ -317,6 +317,34 @@ class KvCache {
     compress_layer(sequence.layers[layer], layer);
   }
 
+  // Drops every token at position ≥ `length` from every layer, and the next append
+  // continues at position `length`: rollback of rejected speculative tokens (llama.cpp's
+  // seq_rm(seq, length, -1)). Pages past the new end return to the pool. Scorer state of
+  // the surviving tokens is kept as is (H2O keeps the attention the rejected queries paid).
+  void truncate(SequenceId id, std::size_t length) {
+    Sequence& sequence = checked(id, "truncate");
+    for (std::size_t layer = 0; layer < geometry_.layers; ++layer) {
+      if (length > sequence.layers[layer].tokens_seen) {
+        detail::fail<ShapeError>("truncate: length {} is past the {} tokens layer {} has seen",
+                                 length, sequence.layers[layer].tokens_seen, layer);
+      }
+    }
+    for (Layer& store : sequence.layers) {
+      for (Head& head : store.heads) {
+        std::size_t kept = head.tokens;
+        while (kept > 0 && static_cast<std::size_t>(position_at(head, kept - 1)) >= length) --kept;
+        if (kept == head.tokens) continue;
+        kept_.resize(kept);
+        for (std::size_t slot = 0; slot < kept; ++slot)
+          kept_[slot] = static_cast<std::uint32_t>(slot);
+        compact(head);  // a prefix: nothing moves, the tail pages are released
+        scorer_.on_compact(head.scorer_state, kept_);
+        if constexpr (!Index::reads_all) index_.on_compact(head.index_state, kept_);
+      }
+      store.tokens_seen = length;
+    }
+  }
+
   // ---- inspection -----------------------------------------------------------------------
 
   std::size_t tokens(SequenceId id, std::size_t layer, std::size_t kv_head) const {
@@ -516,34 +544,60 @@ class KvCache {
     }
   }
 
-  // Non-finite means an all-ones exponent. The bit test has no early exit, so it
-  // vectorizes; only a row that fails is rescanned to name the bad element.
+  // The largest |x| the quantizer stores (f16: 65504), or float's largest finite value.
+  static constexpr float storable_magnitude() noexcept {
+    if constexpr (BoundsMagnitude<Quant>) {
+      return Quant::max_magnitude();
+    } else {
+      return std::numeric_limits<float>::max();
+    }
+  }
+
+  // Bits of the largest |x| of element type E that is ≤ storable_magnitude().
   template <class E>
-  static bool row_is_finite(const E* row, std::size_t n) noexcept {
+  static auto magnitude_limit_bits() noexcept {
     using Bits = std::conditional_t<sizeof(E) == 4, std::uint32_t, std::uint16_t>;
-    constexpr auto exponent = static_cast<Bits>(std::is_same_v<E, float>         ? 0x7f800000U
-                                                : std::is_same_v<E, Eigen::half> ? 0x7c00U
-                                                                                 : 0x7f80U);
+    const float limit = storable_magnitude();
+    E value = static_cast<E>(limit);
+    Bits bits;
+    std::memcpy(&bits, &value, sizeof(Bits));
+    if (!(static_cast<float>(value) <= limit)) --bits;  // rounded up (or to inf): step down
+    return bits;
+  }
+
+  // |x| is at most the limit: compared on the bit patterns with the sign cleared, which
+  // also catches NaN and ±inf (their patterns are larger than any finite one). No early
+  // exit, so it vectorizes; only a failing row is rescanned to name the bad element.
+  template <class E, class Bits>
+  static bool row_is_storable(const E* row, std::size_t n, Bits limit) noexcept {
+    constexpr auto magnitude_mask = static_cast<Bits>(sizeof(Bits) == 4 ? 0x7fffffffU : 0x7fffU);
     unsigned bad = 0;
     for (std::size_t c = 0; c < n; ++c) {
       Bits bits;
       std::memcpy(&bits, row + c, sizeof(Bits));
-      bad |= static_cast<unsigned>((bits & exponent) == exponent);
+      bad |= static_cast<unsigned>((bits & magnitude_mask) > limit);
     }
     return bad == 0;
   }
 
   template <class T>
   static void check_finite(const View<T, 3>& view, const char* function, const char* argument) {
+    using E = std::remove_const_t<T>;
+    const auto limit = magnitude_limit_bits<E>();
     for (std::size_t h = 0; h < view.extent(0); ++h) {
       for (std::size_t t = 0; t < view.extent(1); ++t) {
-        const auto* row = view.pointer(h, t);
-        if (row_is_finite(row, view.extent(2))) continue;
+        const E* row = view.pointer(h, t);
+        if (row_is_storable(row, view.extent(2), limit)) continue;
         for (std::size_t c = 0; c < view.extent(2); ++c) {
           const float x = static_cast<float>(row[c]);
           if (!std::isfinite(x)) {
             detail::fail<ValueError>("{}: {}[{}][{}][{}] is {}, kvc stores finite values only",
                                      function, argument, h, t, c, x);
+          }
+          if (std::abs(x) > storable_magnitude()) {
+            detail::fail<ValueError>("{}: {}[{}][{}][{}] is {}, beyond the ±{} that '{}' stores",
+                                     function, argument, h, t, c, x, storable_magnitude(),
+                                     Quant::name());
           }
         }
       }
@@ -736,7 +790,7 @@ class KvCache {
     } else {
       plan(store, layer);
       for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
-        if (store.heads[h].tokens > head_budgets_[h]) return true;
+        if (store.heads[h].tokens > head_budgets_[h] + options_.eviction_slack) return true;
       }
       return false;
     }

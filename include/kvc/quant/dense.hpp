@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstring>
+#include <limits>
 #include <string_view>
 #include <type_traits>
 
@@ -43,6 +44,13 @@ struct Dense {
     return head_dim * sizeof(T);
   }
   constexpr bool supports_head_dim(std::size_t head_dim) const noexcept { return head_dim > 0; }
+
+  // The largest magnitude the format stores without overflowing to infinity; KvCache
+  // rejects larger inputs (with check_finite) instead of storing inf. Beyond 65504, f16
+  // rounds to inf; bf16 and f32 share float's range.
+  static constexpr float max_magnitude() noexcept {
+    return std::is_same_v<T, Eigen::half> ? 65504.0F : std::numeric_limits<float>::max();
+  }
 
   template <Element S>
   void encode_key(const S* source, std::size_t head_dim, std::byte* codes) const noexcept {
