@@ -1,0 +1,345 @@
+// bench/attend.cpp — what one layer of kvc costs at decode: append and attend, against a
+// plain Eigen fp32 implementation and against this machine's DRAM read bandwidth.
+//
+// Shapes: context 1K / 8K / 32K tokens, head_dim 128, 8 kv heads, GQA group 1 and 4
+// (8 and 32 query heads), one layer, one sequence, single thread.
+//
+//   BM_append_prefill<Q>/context/check_finite
+//                                      append `context` tokens in chunks of 512 into an
+//                                      empty sequence (the pool's pages are warm: the
+//                                      sequence is closed and reopened between iterations,
+//                                      outside the timed region)
+//   BM_append_decode<Q>/context/check_finite
+//                                      append one token to a sequence that holds `context`
+//                                      (pool warm as above)
+//   BM_attend_kvc<Q>/context/group     one decode step: 1 query token, all query heads, over
+//                                      a cache already holding `context` tokens
+//   BM_attend_eigen_f32/context/group  the same step done the straightforward way with Eigen
+//   BM_memory_read_bandwidth           sum of a 512 MiB float array: the DRAM floor
+//
+// Counters (see docs/benchmarks.md):
+//   tokens            context length (attend) or tokens appended per call (append)
+//   bytes             K/V bytes read (attend) or stored (append) per call, in the format's
+//                     element type: tokens · kv_heads · 2 · head_dim · sizeof(element)
+//   bytes_per_second  bytes / time (SetBytesProcessed)
+//   ns_per_token      seconds per token (rate counter, inverted); bench/report prints ns
+//
+// Input K/V/q are fp32, mean 0 and variance 1, fixed seeds. attend uses the cache's default
+// options (page_tokens 16, check_finite on), which is what a user gets; append runs with
+// them and, at 8K, with check_finite off (label "unchecked").
+#include <kvc/kvc.hpp>
+
+#include <benchmark/benchmark.h>
+#include <fmt/format.h>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr std::size_t kv_heads = 8;
+constexpr std::size_t head_dim = 128;
+constexpr std::size_t prefill_chunk = 512;
+constexpr std::size_t decode_appends = 8192;  // iterations of BM_append_decode
+
+using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// Uniform on [-√3, √3) (mean 0, variance 1) from splitmix64: fast enough that a 32K context
+// (2 × 32M floats) costs well under a second. The values only need to be finite and
+// realistic in scale; the kernels' cost does not depend on them.
+std::vector<float> random_floats(std::size_t count, std::uint64_t seed) {
+  std::uint64_t state = seed * 0x9E3779B97F4A7C15ULL;
+  std::vector<float> result(count);
+  for (float& x : result) {
+    std::uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    const float unit = static_cast<float>(z >> 40) * 0x1.0p-24F;  // [0, 1)
+    x = (2.0F * unit - 1.0F) * 1.7320508F;
+  }
+  return result;
+}
+
+// [kv_heads][tokens][head_dim] of the full context, one array for K and one for V.
+struct Context {
+  std::size_t tokens = 0;
+  std::vector<float> keys, values;
+
+  explicit Context(std::size_t n)
+      : tokens(n),
+        keys(random_floats(kv_heads * n * head_dim, 1)),
+        values(random_floats(kv_heads * n * head_dim, 2)) {}
+
+  // Tokens [first, first + count) of every head, as the [kv_heads][count][head_dim] view
+  // append() takes (a strided window into the full array: no copy).
+  kvc::View<const float, 3> window(const std::vector<float>& data, std::size_t first,
+                                   std::size_t count) const {
+    return {data.data() + first * head_dim,
+            {kv_heads, count, head_dim},
+            {static_cast<std::ptrdiff_t>(tokens * head_dim), static_cast<std::ptrdiff_t>(head_dim),
+             1}};
+  }
+};
+
+// The context is shared by every benchmark of one length (rebuilding 2 × 128 MiB of random
+// numbers for each one would dominate the run).
+const Context& context_of(std::size_t tokens) {
+  static std::unique_ptr<Context> cached;
+  if (!cached || cached->tokens != tokens) {
+    cached.reset();
+    cached = std::make_unique<Context>(tokens);
+  }
+  return *cached;
+}
+
+template <class Quant>
+using Cache = kvc::KvCache<kvc::evict::Full, Quant>;
+
+kvc::Geometry geometry_for(std::size_t group) {
+  return {.layers = 1, .q_heads = kv_heads * group, .kv_heads = kv_heads, .head_dim = head_dim};
+}
+
+template <class Quant>
+void fill(Cache<Quant>& cache, kvc::SequenceId sequence, const Context& context) {
+  for (std::size_t first = 0; first < context.tokens; first += prefill_chunk) {
+    const std::size_t count = std::min(prefill_chunk, context.tokens - first);
+    cache.append(sequence, 0, context.window(context.keys, first, count),
+                 context.window(context.values, first, count));
+  }
+}
+
+template <class Quant>
+constexpr std::size_t stored_element_bytes() {
+  return sizeof(typename Quant::storage_type);
+}
+
+void set_counters(benchmark::State& state, std::size_t tokens, std::size_t bytes) {
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * bytes));
+  state.counters["tokens"] = static_cast<double>(tokens);
+  state.counters["bytes"] = static_cast<double>(bytes);
+  state.counters["ns_per_token"] = benchmark::Counter(
+      static_cast<double>(tokens),
+      benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+}
+
+// ---- append -------------------------------------------------------------------------------
+
+// append's options: the default (check_finite on) or without the NaN/Inf scan of the input.
+kvc::CacheOptions append_options(const benchmark::State& state) {
+  return {.check_finite = state.range(1) != 0};
+}
+
+template <class Quant>
+std::string append_label(const benchmark::State& state) {
+  return std::string(Quant::name()) + (state.range(1) != 0 ? "" : " unchecked");
+}
+
+template <class Quant>
+void BM_append_prefill(benchmark::State& state) {
+  const auto tokens = static_cast<std::size_t>(state.range(0));
+  const Context& context = context_of(tokens);
+  Cache<Quant> cache(geometry_for(1), append_options(state));
+  // Warm the pool once, so iterations measure encoding and page bookkeeping, not page faults.
+  kvc::SequenceId sequence = cache.open_sequence();
+  fill(cache, sequence, context);
+  for (auto _ : state) {
+    state.PauseTiming();
+    cache.close(sequence);
+    sequence = cache.open_sequence();
+    state.ResumeTiming();
+    fill(cache, sequence, context);
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, tokens, tokens * kv_heads * 2 * head_dim * stored_element_bytes<Quant>());
+  state.SetLabel(append_label<Quant>(state));
+}
+
+template <class Quant>
+void BM_append_decode(benchmark::State& state) {
+  const auto tokens = static_cast<std::size_t>(state.range(0));
+  const Context& context = context_of(tokens);
+  Cache<Quant> cache(geometry_for(1), append_options(state));
+  // Warm the pool with more pages than the run will use, so the appends below reuse pages
+  // (as in an engine's steady state) instead of faulting in fresh slabs.
+  kvc::SequenceId sequence = cache.open_sequence();
+  for (std::size_t held = 0; held < tokens + decode_appends + 1024; held += tokens) {
+    fill(cache, sequence, context);
+  }
+  cache.close(sequence);
+  sequence = cache.open_sequence();
+  fill(cache, sequence, context);
+  // A fixed number of one-token appends: each one grows the sequence, so the run is bounded
+  // (8192 tokens on top of the context) rather than left to the time-based iteration count.
+  const std::vector<float> key = random_floats(kv_heads * head_dim, 3);
+  const std::vector<float> value = random_floats(kv_heads * head_dim, 4);
+  const kvc::View<const float, 3> k(key.data(), {kv_heads, 1, head_dim});
+  const kvc::View<const float, 3> v(value.data(), {kv_heads, 1, head_dim});
+  for (auto _ : state) {
+    cache.append(sequence, 0, k, v);
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, 1, kv_heads * 2 * head_dim * stored_element_bytes<Quant>());
+  state.SetLabel(append_label<Quant>(state));
+}
+
+// ---- attend -------------------------------------------------------------------------------
+
+template <class Quant>
+void BM_attend_kvc(benchmark::State& state) {
+  const auto tokens = static_cast<std::size_t>(state.range(0));
+  const auto group = static_cast<std::size_t>(state.range(1));
+  const Context& context = context_of(tokens);
+  Cache<Quant> cache(geometry_for(group));
+  const kvc::SequenceId sequence = cache.open_sequence();
+  fill(cache, sequence, context);
+
+  const std::size_t q_heads = kv_heads * group;
+  const std::vector<float> query = random_floats(q_heads * head_dim, 5);
+  std::vector<float> output(q_heads * head_dim);
+  const kvc::View<const float, 3> q(query.data(), {q_heads, 1, head_dim});
+  const kvc::View<float, 3> out(output.data(), {q_heads, 1, head_dim});
+  cache.attend(sequence, 0, q, out);  // warm the cache's scratch buffers
+  for (auto _ : state) {
+    cache.attend(sequence, 0, q, out);
+    benchmark::DoNotOptimize(output.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, tokens, tokens * kv_heads * 2 * head_dim * stored_element_bytes<Quant>());
+  state.SetLabel(std::string(Quant::name()));
+}
+
+// The baseline a host without kvc would write: K and V of each kv head as an n × d
+// row-major fp32 matrix; per query head: scores = K·q/√d (Eigen GEMV), a numerically safe
+// softmax, out = Vᵀ·p. Note that this rereads K and V once per query head of the GQA group
+// (group × the bytes that `bytes` counts); kvc reads each page once per group.
+void BM_attend_eigen_f32(benchmark::State& state) {
+  const auto tokens = static_cast<std::size_t>(state.range(0));
+  const auto group = static_cast<std::size_t>(state.range(1));
+  const Context& context = context_of(tokens);
+  const auto n = static_cast<Eigen::Index>(tokens);
+  const auto d = static_cast<Eigen::Index>(head_dim);
+  std::vector<RowMatrix> keys(kv_heads), values(kv_heads);
+  for (std::size_t h = 0; h < kv_heads; ++h) {
+    keys[h] = Eigen::Map<const RowMatrix>(context.keys.data() + h * tokens * head_dim, n, d);
+    values[h] = Eigen::Map<const RowMatrix>(context.values.data() + h * tokens * head_dim, n, d);
+  }
+  const std::size_t q_heads = kv_heads * group;
+  const std::vector<float> query = random_floats(q_heads * head_dim, 5);
+  RowMatrix output(static_cast<Eigen::Index>(q_heads), d);
+  Eigen::VectorXf scores(n);
+  const float scale = 1.0F / std::sqrt(static_cast<float>(head_dim));
+  for (auto _ : state) {
+    for (std::size_t head = 0; head < q_heads; ++head) {
+      const std::size_t h = head / group;
+      const Eigen::Map<const Eigen::VectorXf> q(query.data() + head * head_dim, d);
+      scores.noalias() = keys[h] * q;
+      scores *= scale;
+      const float max = scores.maxCoeff();
+      scores = (scores.array() - max).exp();
+      scores /= scores.sum();
+      output.row(static_cast<Eigen::Index>(head)).noalias() = values[h].transpose() * scores;
+    }
+    benchmark::DoNotOptimize(output.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, tokens, tokens * kv_heads * 2 * head_dim * sizeof(float));
+  state.SetLabel("eigen_f32");
+}
+
+// ---- DRAM floor ---------------------------------------------------------------------------
+
+// A STREAM-like read: the sum of a 512 MiB float array (far larger than any cache), with
+// Eigen's vectorized reduction. Its bytes_per_second is the DRAM read bandwidth one core
+// reaches; bench/report divides each attend's bytes by it to get the time floor.
+void BM_memory_read_bandwidth(benchmark::State& state) {
+  const std::size_t count = (std::size_t{512} << 20) / sizeof(float);
+  std::vector<float> data(count, 1.0F);
+  const Eigen::Map<const Eigen::ArrayXf> array(data.data(), static_cast<Eigen::Index>(count));
+  for (auto _ : state) {
+    float sum = array.sum();
+    benchmark::DoNotOptimize(sum);
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * count * sizeof(float)));
+  state.counters["bytes"] = static_cast<double>(count * sizeof(float));
+}
+
+// append: every context with the default options; the 8K context also without
+// check_finite, to show what the input scan costs.
+void append_shapes(benchmark::internal::Benchmark* bench) {
+  for (std::int64_t tokens : {1024, 8192, 32768}) bench->Args({tokens, 1});
+  bench->Args({8192, 0});
+  bench->ArgNames({"context", "check_finite"});
+}
+
+void contexts_and_groups(benchmark::internal::Benchmark* bench) {
+  for (std::int64_t tokens : {1024, 8192, 32768}) {
+    for (std::int64_t group : {1, 4}) bench->Args({tokens, group});
+  }
+}
+
+}  // namespace
+
+BENCHMARK(BM_memory_read_bandwidth)->Unit(benchmark::kMillisecond);
+
+BENCHMARK(BM_append_prefill<kvc::quant::Dense<float>>)
+    ->Apply(append_shapes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_append_prefill<kvc::quant::Dense<Eigen::half>>)
+    ->Apply(append_shapes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_append_decode<kvc::quant::Dense<float>>)
+    ->Apply(append_shapes)->Iterations(decode_appends)
+    ->Unit(benchmark::kNanosecond);
+BENCHMARK(BM_append_decode<kvc::quant::Dense<Eigen::half>>)
+    ->Apply(append_shapes)->Iterations(decode_appends)
+    ->Unit(benchmark::kNanosecond);
+
+BENCHMARK(BM_attend_eigen_f32)
+    ->Apply(contexts_and_groups)->ArgNames({"context", "group"})->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::Dense<float>>)
+    ->Apply(contexts_and_groups)->ArgNames({"context", "group"})->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::Dense<Eigen::half>>)
+    ->Apply(contexts_and_groups)->ArgNames({"context", "group"})->Unit(benchmark::kMicrosecond);
+
+// "model name" from /proc/cpuinfo (Linux); Google Benchmark's context has no CPU model.
+std::string cpu_model() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      const std::size_t colon = line.find(':');
+      if (colon != std::string::npos) return line.substr(line.find_first_not_of(' ', colon + 1));
+    }
+  }
+  return "unknown";
+}
+
+int main(int argc, char** argv) {
+  benchmark::AddCustomContext("cpu", cpu_model());
+  benchmark::AddCustomContext("simd_arch", std::string(kvc::simd::arch_name()));
+  benchmark::AddCustomContext("kvc_version", fmt::format("{}.{}.{}", kvc::version_major,
+                                                         kvc::version_minor, kvc::version_patch));
+  benchmark::AddCustomContext("compiler", fmt::format("{} {}",
+#if defined(__clang__)
+                                                      "clang",
+#else
+                                                      "gcc",
+#endif
+                                                      __VERSION__));
+  benchmark::AddCustomContext("page_tokens", std::to_string(kvc::CacheOptions{}.page_tokens));
+  benchmark::AddCustomContext("shape", fmt::format("layers 1, kv_heads {}, head_dim {}, "
+                                                   "prefill chunk {}",
+                                                   kv_heads, head_dim, prefill_chunk));
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
