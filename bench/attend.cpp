@@ -83,10 +83,10 @@ struct Context {
   // append() takes (a strided window into the full array: no copy).
   kvc::View<const float, 3> window(const std::vector<float>& data, std::size_t first,
                                    std::size_t count) const {
-    return {data.data() + first * head_dim,
-            {kv_heads, count, head_dim},
-            {static_cast<std::ptrdiff_t>(tokens * head_dim), static_cast<std::ptrdiff_t>(head_dim),
-             1}};
+    return {
+        data.data() + first * head_dim,
+        {kv_heads, count, head_dim},
+        {static_cast<std::ptrdiff_t>(tokens * head_dim), static_cast<std::ptrdiff_t>(head_dim), 1}};
   }
 };
 
@@ -291,22 +291,32 @@ void contexts_and_groups(benchmark::internal::Benchmark* bench) {
 BENCHMARK(BM_memory_read_bandwidth)->Unit(benchmark::kMillisecond);
 
 BENCHMARK(BM_append_prefill<kvc::quant::Dense<float>>)
-    ->Apply(append_shapes)->Unit(benchmark::kMicrosecond);
+    ->Apply(append_shapes)
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_append_prefill<kvc::quant::Dense<Eigen::half>>)
-    ->Apply(append_shapes)->Unit(benchmark::kMicrosecond);
+    ->Apply(append_shapes)
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_append_decode<kvc::quant::Dense<float>>)
-    ->Apply(append_shapes)->Iterations(decode_appends)
+    ->Apply(append_shapes)
+    ->Iterations(decode_appends)
     ->Unit(benchmark::kNanosecond);
 BENCHMARK(BM_append_decode<kvc::quant::Dense<Eigen::half>>)
-    ->Apply(append_shapes)->Iterations(decode_appends)
+    ->Apply(append_shapes)
+    ->Iterations(decode_appends)
     ->Unit(benchmark::kNanosecond);
 
 BENCHMARK(BM_attend_eigen_f32)
-    ->Apply(contexts_and_groups)->ArgNames({"context", "group"})->Unit(benchmark::kMicrosecond);
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_attend_kvc<kvc::quant::Dense<float>>)
-    ->Apply(contexts_and_groups)->ArgNames({"context", "group"})->Unit(benchmark::kMicrosecond);
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_attend_kvc<kvc::quant::Dense<Eigen::half>>)
-    ->Apply(contexts_and_groups)->ArgNames({"context", "group"})->Unit(benchmark::kMicrosecond);
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
 
 // "model name" from /proc/cpuinfo (Linux); Google Benchmark's context has no CPU model.
 std::string cpu_model() {
