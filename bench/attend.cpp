@@ -25,7 +25,7 @@
 //   ns_per_token      seconds per token (rate counter, inverted); bench/report prints ns
 //
 // Input K/V/q are fp32, mean 0 and variance 1, fixed seeds. attend uses the cache's default
-// options (page_tokens 16, check_finite on), which is what a user gets; append runs with
+// options (page_tokens 64, check_finite on), which is what a user gets; append runs with
 // them and, at 8K, with check_finite off (label "unchecked").
 #include <kvc/kvc.hpp>
 

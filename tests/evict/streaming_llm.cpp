@@ -108,10 +108,11 @@ TEST_CASE("StreamingLLM's bytes shrink with the budget", "[streaming_llm]") {
     const auto stats = cache.stats();
     CHECK(stats.tokens_stored == 4 * 4 * budget);
     CHECK(stats.code_bytes == 4 * 4 * budget * 2 * 128 * sizeof(float));
-    CHECK(stats.pages_in_use == 4 * 4 * ((budget + 15) / 16));
+    const std::size_t page = cache.options().page_tokens;
+    CHECK(stats.pages_in_use == 4 * 4 * ((budget + page - 1) / page));
     held.push_back(stats.bytes_held());
   }
-  // Budgets 1024 → 256 → 64 of 1024 tokens: page bytes scale 4× each time.
+  // Budgets 1024 → 256 → 64 of 1024 tokens: page bytes scale 4× each time (pages of ≤ 64).
   CHECK(held[0] > 3 * held[1]);
   CHECK(held[1] > 3 * held[2]);
 }

@@ -3,6 +3,9 @@
 
 #include <catch2/catch.hpp>
 
+#include <cstdint>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 TEST_CASE("reduce_add and reduce_max over one batch", "[simd][compat]") {
@@ -12,6 +15,27 @@ TEST_CASE("reduce_add and reduce_max over one batch", "[simd][compat]") {
   const batch x = batch::load_unaligned(lanes.data());
   float expected = 0;
   for (float v : lanes) expected += v;
-  CHECK(kvc::simd::detail::reduce_add(x) == expected);
+  CHECK(kvc::simd::detail::reduce_add(x) == expected);  // small integers: exact in any order
   CHECK(kvc::simd::detail::reduce_max(x) == lanes.back());
+  lanes[0] = 1e9F;  // the maximum in the first lane too
+  CHECK(kvc::simd::detail::reduce_max(batch::load_unaligned(lanes.data())) == 1e9F);
+}
+
+TEST_CASE("bitcast reinterprets lane bits both ways", "[simd][compat]") {
+  using floats = xsimd::batch<float>;
+  const auto bits = kvc::simd::detail::bitcast<std::uint32_t>(floats(1.0F));
+  static_assert(std::is_same_v<std::remove_const_t<decltype(bits)>,
+                               xsimd::batch<std::uint32_t, xsimd::default_arch>>);
+  std::vector<std::uint32_t> lanes(floats::size);
+  bits.store_unaligned(lanes.data());
+  for (std::uint32_t lane : lanes) CHECK(lane == 0x3f800000U);
+  const auto back = kvc::simd::detail::bitcast<float>(bits);
+  CHECK(kvc::simd::detail::reduce_add(back) == static_cast<float>(floats::size));
+}
+
+TEST_CASE("common_arch names xsimd's arch-independent fallback", "[simd][compat]") {
+  static_assert(std::is_class_v<kvc::simd::detail::common_arch>);
+  // Every concrete x86 arch derives from it (xsimd dispatches its generic kernels that way).
+  static_assert(std::is_base_of_v<kvc::simd::detail::common_arch, xsimd::default_arch>);
+  CHECK(std::string(xsimd::default_arch::name()).size() > 0);
 }

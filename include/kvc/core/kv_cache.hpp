@@ -719,6 +719,13 @@ class KvCache {
       while (end < pages_to_read_.size() && width + page_tokens <= run_tokens) {
         const std::size_t page_first = pages_to_read_[end] * page_tokens;
         const std::size_t tokens = std::min(page_tokens, reach - page_first);
+        // Stream ahead: the next page's keys, and this page's values for the accumulate
+        // pass (a run's values, ≤ 256 tokens, stay in L2 until then).
+        if (end + 1 < pages_to_read_.size()) {
+          simd::prefetch(pool_.data(head.pages[pages_to_read_[end + 1]]), tokens * key_bytes_);
+        }
+        simd::prefetch(pool_.data(head.pages[pages_to_read_[end]]) + value_offset_,
+                       tokens * value_bytes_);
         quantizer_.score_tile(ScoreTile{queries_.data(), rows,
                                         pool_.data(head.pages[pages_to_read_[end]]), tokens, d,
                                         scores_.data() + width, run_tokens, tile_scratch_.data()});

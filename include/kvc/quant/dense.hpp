@@ -4,10 +4,9 @@
 //             no scales, no metadata. Bytes per token and kv head: 2 · head_dim · sizeof(T).
 // Keeps:      every stored token exactly (f32) or rounded to nearest even (f16/bf16).
 // Needs:      nothing. Any head_dim ≥ 1.
-// Cost/step:  attend reads each page once per GQA group: a page tile is widened to fp32
-//             in an L1-sized scratch (f16/bf16) or read in place (f32), then dotted with
-//             all query rows of the group (simd::dot_block) and accumulated
-//             (simd::axpy_block). Nothing larger than one page is ever widened.
+// Cost/step:  attend reads each page once per GQA group: simd::dot_block and
+//             simd::axpy_block load the stored T and widen f16/bf16 in registers, for all
+//             query rows of the group at once. No converted copy is ever written.
 // Paper:      none — the uncompressed baselines (Dense<float> is KvCache<>'s default).
 #pragma once
 
@@ -68,16 +67,15 @@ struct Dense {
     simd::convert(stored(codes), out, head_dim);
   }
 
+  // The kernels read the stored T directly and widen in registers: no staging copy.
   void score_tile(const ScoreTile& tile) const noexcept {
-    const float* keys = widen(tile.key_codes, tile.tokens * tile.head_dim, tile.scratch);
-    simd::dot_block(tile.queries, tile.rows, tile.head_dim, keys, tile.tokens, tile.head_dim,
-                    tile.head_dim, tile.scores, tile.scores_stride);
+    simd::dot_block(tile.queries, tile.rows, tile.head_dim, stored(tile.key_codes), tile.tokens,
+                    tile.head_dim, tile.head_dim, tile.scores, tile.scores_stride);
   }
 
   void accumulate_tile(const AccumulateTile& tile) const noexcept {
-    const float* values = widen(tile.value_codes, tile.tokens * tile.head_dim, tile.scratch);
-    simd::axpy_block(tile.weights, tile.rows, tile.weights_stride, values, tile.tokens,
-                     tile.head_dim, tile.head_dim, tile.acc, tile.head_dim);
+    simd::axpy_block(tile.weights, tile.rows, tile.weights_stride, stored(tile.value_codes),
+                     tile.tokens, tile.head_dim, tile.head_dim, tile.acc, tile.head_dim);
   }
 
  private:
@@ -96,18 +94,6 @@ struct Dense {
       for (std::size_t c = 0; c < head_dim; ++c) {
         reinterpret_cast<T*>(codes)[c] = static_cast<T>(static_cast<float>(source[c]));
       }
-    }
-  }
-
-  // fp32 pages are read in place; f16/bf16 tiles widen into the caller's L1 scratch.
-  static const float* widen(const std::byte* codes, std::size_t count, float* scratch) noexcept {
-    if constexpr (std::is_same_v<T, float>) {
-      (void)count;
-      (void)scratch;
-      return stored(codes);
-    } else {
-      simd::convert(stored(codes), scratch, count);
-      return scratch;
     }
   }
 };

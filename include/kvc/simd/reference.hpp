@@ -47,7 +47,8 @@ inline float exp_shift_sum(float* x, std::size_t n, float shift) noexcept {
   return sum;
 }
 
-inline void dot_block(const float* q, std::size_t rows, std::size_t ldq, const float* k,
+template <class T = float>
+inline void dot_block(const float* q, std::size_t rows, std::size_t ldq, const T* k,
                       std::size_t n_keys, std::size_t ldk, std::size_t d, float* scores,
                       std::size_t lds) noexcept {
   for (std::size_t r = 0; r < rows; ++r) {
@@ -55,7 +56,8 @@ inline void dot_block(const float* q, std::size_t rows, std::size_t ldq, const f
   }
 }
 
-inline void axpy_block(const float* p, std::size_t rows, std::size_t ldp, const float* v,
+template <class T = float>
+inline void axpy_block(const float* p, std::size_t rows, std::size_t ldp, const T* v,
                        std::size_t n_values, std::size_t ldv, std::size_t d, float* acc,
                        std::size_t ldacc) noexcept {
   for (std::size_t r = 0; r < rows; ++r) {
