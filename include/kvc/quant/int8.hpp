@@ -1,0 +1,153 @@
+// kvc/quant/int8.hpp — quant::Int8<Group>: symmetric int8 codes with fp32 absmax scales.
+//
+// Lineage:    the absmax ("symmetric") int8 quantization of LLM.int8() (Dettmers et al.,
+//             "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale", 2022),
+//             applied per token to the KV cache as in the per-token value path of KIVI (Liu
+//             et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", 2024)
+//             — here for keys too, and symmetric (no zero point).
+// Format:     per token and kv head, for the key and for the value alike:
+//               [fp32 scale × groups][int8 code × head_dim]      (scales first)
+//             groups = 1 (Int8<>, one scale per (token, head)) or head_dim / Group
+//             (Int8<32>: channels [32g, 32g + 32) share scale g). Scales are little-endian
+//             IEEE fp32 read with memcpy (a token's codes need not be aligned).
+//             Bytes per token and kv head, each of K and V: head_dim + 4 · groups
+//             (Int8<>: d + 4; Int8<32>: 1.125 · d).
+// Keeps:      scale = max|x| / 127 over the group, q = round(x / scale) ∈ [−127, 127] with
+//             std::nearbyint (ties to even), x̂ = scale · q; |x − x̂| ≤ scale / 2. A group of
+//             zeros gets scale 0 and codes 0 (the division is guarded). Codes are clamped to
+//             ±127, which only matters when the scale is a denormal (rounded): then the
+//             error is ≤ max(scale / 2, max|x| − 127 · scale).
+// Needs:      nothing. Int8<>: any head_dim ≥ 1; Int8<G>: head_dim % G == 0.
+// Cost/step:  attend widens one page tile (codes × scale → fp32, simd::dequantize_int8) into
+//             the caller's L1 scratch and runs simd::dot_block / simd::axpy_block on it: the
+//             scores and outputs are exact fp32 functions of the codes (no query rounding).
+//             Reads ~0.51× the bytes of Dense<half> per token.
+// Choices:    symmetric, so zero is exact and no zero point is stored; ties to even, as
+//             ALGORITHMS.md's "round" (nearbyint under the default rounding mode).
+#pragma once
+
+#include <kvc/core/element.hpp>
+#include <kvc/core/events.hpp>
+#include <kvc/simd/int8.hpp>
+#include <kvc/simd/kernels.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string_view>
+
+namespace kvc::quant {
+
+// Group = 0: one scale per (token, kv head); otherwise one per Group consecutive channels.
+template <std::size_t Group = 0>
+struct Int8 {
+  static_assert(Group == 0 || Group == 16 || Group == 32 || Group == 64 || Group == 128,
+                "quant::Int8<Group>: Group is 0 (per token) or one of 16, 32, 64, 128");
+
+  static constexpr std::size_t group = Group;
+
+  static constexpr std::string_view name() noexcept {
+    if constexpr (Group == 0) {
+      return "int8";
+    } else if constexpr (Group == 16) {
+      return "int8_g16";
+    } else if constexpr (Group == 32) {
+      return "int8_g32";
+    } else if constexpr (Group == 64) {
+      return "int8_g64";
+    } else {
+      return "int8_g128";
+    }
+  }
+
+  static constexpr std::size_t groups(std::size_t head_dim) noexcept {
+    return Group == 0 ? 1 : head_dim / Group;
+  }
+  static constexpr std::size_t group_size(std::size_t head_dim) noexcept {
+    return Group == 0 ? head_dim : Group;
+  }
+
+  constexpr std::size_t key_bytes(std::size_t head_dim) const noexcept {
+    return head_dim + sizeof(float) * groups(head_dim);
+  }
+  constexpr std::size_t value_bytes(std::size_t head_dim) const noexcept {
+    return key_bytes(head_dim);
+  }
+  constexpr bool supports_head_dim(std::size_t head_dim) const noexcept {
+    return head_dim > 0 && (Group == 0 || head_dim % Group == 0);
+  }
+
+  template <Element S>
+  void encode_key(const S* source, std::size_t head_dim, std::byte* codes) const noexcept {
+    encode(source, head_dim, codes);
+  }
+  template <Element S>
+  void encode_value(const S* source, std::size_t head_dim, std::byte* codes) const noexcept {
+    encode(source, head_dim, codes);
+  }
+
+  void decode_key(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {
+    decode(codes, head_dim, out);
+  }
+  void decode_value(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {
+    decode(codes, head_dim, out);
+  }
+
+  void score_tile(const ScoreTile& tile) const noexcept {
+    const std::size_t d = tile.head_dim;
+    for (std::size_t j = 0; j < tile.tokens; ++j) {
+      decode(tile.key_codes + j * key_bytes(d), d, tile.scratch + j * d);
+    }
+    simd::dot_block(tile.queries, tile.rows, d, tile.scratch, tile.tokens, d, d, tile.scores,
+                    tile.scores_stride);
+  }
+
+  void accumulate_tile(const AccumulateTile& tile) const noexcept {
+    const std::size_t d = tile.head_dim;
+    for (std::size_t j = 0; j < tile.tokens; ++j) {
+      decode(tile.value_codes + j * value_bytes(d), d, tile.scratch + j * d);
+    }
+    simd::axpy_block(tile.weights, tile.rows, tile.weights_stride, tile.scratch, tile.tokens, d, d,
+                     tile.acc, d);
+  }
+
+  // q = round(x / scale) (ties to even), clamped to ±127; 0 when scale is 0.
+  static std::int8_t quantize(float x, float scale) noexcept {
+    if (!(scale > 0.0F)) return 0;
+    const float q = std::fmin(std::fmax(std::nearbyint(x / scale), -127.0F), 127.0F);
+    return static_cast<std::int8_t>(q);
+  }
+
+ private:
+  template <Element S>
+  static void encode(const S* source, std::size_t head_dim, std::byte* codes) noexcept {
+    const std::size_t size = group_size(head_dim);
+    const std::size_t count = groups(head_dim);
+    auto* q = reinterpret_cast<std::int8_t*>(codes + sizeof(float) * count);
+    for (std::size_t g = 0; g < count; ++g) {
+      const S* x = source + g * size;
+      float amax = 0.0F;
+      for (std::size_t c = 0; c < size; ++c)
+        amax = std::max(amax, std::abs(static_cast<float>(x[c])));
+      const float scale = amax / 127.0F;
+      std::memcpy(codes + sizeof(float) * g, &scale, sizeof scale);
+      for (std::size_t c = 0; c < size; ++c)
+        q[g * size + c] = quantize(static_cast<float>(x[c]), scale);
+    }
+  }
+
+  static void decode(const std::byte* codes, std::size_t head_dim, float* out) noexcept {
+    const std::size_t size = group_size(head_dim);
+    const std::size_t count = groups(head_dim);
+    const auto* q = reinterpret_cast<const std::int8_t*>(codes + sizeof(float) * count);
+    for (std::size_t g = 0; g < count; ++g) {
+      float scale = 0.0F;
+      std::memcpy(&scale, codes + sizeof(float) * g, sizeof scale);
+      simd::dequantize_int8(q + g * size, scale, out + g * size, size);
+    }
+  }
+};
+
+}  // namespace kvc::quant

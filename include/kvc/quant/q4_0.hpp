@@ -1,0 +1,130 @@
+// kvc/quant/q4_0.hpp — quant::Q4_0: ggml's q4_0 blocks, byte for byte.
+//
+// Format:     ggml / llama.cpp `block_q4_0` (ggml-common.h, QK4_0 = 32), packed, no padding:
+//               offset 0..1   d       IEEE fp16, little-endian (ggml_half)
+//               offset 2..17  qs[16]  uint8: element j in the low nibble of qs[j],
+//                                     element j + 16 in the high nibble (j < 16)
+//             18 bytes per 32 values; a head of d channels is d / 32 consecutive blocks:
+//             key_bytes = value_bytes = 18 · d / 32 (72 at d = 128, 0.28× Dense<half>).
+//             Identical to a llama.cpp GGML_TYPE_Q4_0 K/V row.
+// Keeps:      m = the element of largest |x| (the first such, sign kept), d = m / −8 (fp32,
+//             stored rounded to fp16), q = min(15, floor(x · (1 / d) + 8.5)) — i.e.
+//             clamp(round(x / d) + 8, 0, 15) with ties rounded up — and x̂ = fp16(d) · (q − 8).
+//             m itself gets q = 0 (x̂ = −8 d = m). |x − x̂| ≤ |d| / 2 + 8 · |d − fp16(d)|,
+//             except for the clamped top code: values of the opposite sign to m with
+//             |x / d| ∈ [7.5, 8] get q = 15 (x̂ = 7 d), error ≤ |d| + 8 · |d − fp16(d)|.
+// Needs:      head_dim % 32 == 0.
+// Cost/step:  attend widens one page tile (d · (nibble − 8) → fp32, simd::dequantize_q4_0)
+//             into the caller's L1 scratch and reuses simd::dot_block / simd::axpy_block:
+//             scores and outputs are exact fp32 functions of the stored codes.
+// Paper:      none; the format of ggml (Gerganov et al., github.com/ggml-org/ggml), used by
+//             llama.cpp's `--cache-type-k/v q4_0`.
+// Choices:    encoding follows ggml's reference `quantize_row_q4_0_ref` exactly (multiply by
+//             the fp32 inverse, + 8.5, truncate, min 15), so the bytes match it, except where
+//             ggml has no finite answer: |m| > 8 · 65504 saturates |d| at the largest fp16
+//             (codes clamped to [0, 15]); a block whose 1 / d overflows (d denormal in fp32,
+//             its fp16 is 0 anyway) gets codes 8 (x̂ = 0). An all-zero block stores d = −0
+//             (fp16 0x8000: 0 / −8), as ggml does.
+#pragma once
+
+#include <kvc/core/element.hpp>
+#include <kvc/core/events.hpp>
+#include <kvc/simd/int8.hpp>
+#include <kvc/simd/kernels.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+namespace kvc::quant {
+
+struct Q4_0 {
+  static constexpr std::size_t block_values = 32;
+  static constexpr std::size_t block_bytes = 18;  // sizeof(block_q4_0)
+
+  static constexpr std::string_view name() noexcept { return "q4_0"; }
+
+  constexpr std::size_t key_bytes(std::size_t head_dim) const noexcept {
+    return head_dim / block_values * block_bytes;
+  }
+  constexpr std::size_t value_bytes(std::size_t head_dim) const noexcept {
+    return key_bytes(head_dim);
+  }
+  constexpr bool supports_head_dim(std::size_t head_dim) const noexcept {
+    return head_dim > 0 && head_dim % block_values == 0;
+  }
+
+  template <Element S>
+  void encode_key(const S* source, std::size_t head_dim, std::byte* codes) const noexcept {
+    encode(source, head_dim, codes);
+  }
+  template <Element S>
+  void encode_value(const S* source, std::size_t head_dim, std::byte* codes) const noexcept {
+    encode(source, head_dim, codes);
+  }
+
+  void decode_key(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {
+    simd::dequantize_q4_0(codes, out, head_dim);
+  }
+  void decode_value(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {
+    simd::dequantize_q4_0(codes, out, head_dim);
+  }
+
+  void score_tile(const ScoreTile& tile) const noexcept {
+    const std::size_t d = tile.head_dim;
+    for (std::size_t j = 0; j < tile.tokens; ++j) {
+      simd::dequantize_q4_0(tile.key_codes + j * key_bytes(d), tile.scratch + j * d, d);
+    }
+    simd::dot_block(tile.queries, tile.rows, d, tile.scratch, tile.tokens, d, d, tile.scores,
+                    tile.scores_stride);
+  }
+
+  void accumulate_tile(const AccumulateTile& tile) const noexcept {
+    const std::size_t d = tile.head_dim;
+    for (std::size_t j = 0; j < tile.tokens; ++j) {
+      simd::dequantize_q4_0(tile.value_codes + j * value_bytes(d), tile.scratch + j * d, d);
+    }
+    simd::axpy_block(tile.weights, tile.rows, tile.weights_stride, tile.scratch, tile.tokens, d, d,
+                     tile.acc, d);
+  }
+
+  // One block_q4_0 from 32 values (ggml's quantize_row_q4_0_ref, saturating; see above).
+  template <Element S>
+  static void encode_block(const S* x, std::byte* block) noexcept {
+    constexpr float fp16_max = 65504.0F;
+    float amax = 0.0F;
+    float m = 0.0F;
+    for (std::size_t j = 0; j < block_values; ++j) {
+      const float v = static_cast<float>(x[j]);
+      if (amax < std::abs(v)) {
+        amax = std::abs(v);
+        m = v;
+      }
+    }
+    const float d = std::clamp(m / -8.0F, -fp16_max, fp16_max);
+    float inverse = d != 0.0F ? 1.0F / d : 0.0F;
+    if (!std::isfinite(inverse)) inverse = 0.0F;
+    simd::store_fp16(d, block);
+    const auto code = [inverse](float v) {
+      const float shifted = static_cast<float>(v * inverse) + 8.5F;
+      return static_cast<unsigned>(std::fmin(std::fmax(shifted, 0.0F), 15.0F));
+    };
+    for (std::size_t j = 0; j < block_values / 2; ++j) {
+      const unsigned low = code(static_cast<float>(x[j]));
+      const unsigned high = code(static_cast<float>(x[j + block_values / 2]));
+      block[2 + j] = static_cast<std::byte>(low | (high << 4));
+    }
+  }
+
+ private:
+  template <Element S>
+  static void encode(const S* source, std::size_t head_dim, std::byte* codes) noexcept {
+    for (std::size_t b = 0; b < head_dim / block_values; ++b) {
+      encode_block(source + b * block_values, codes + b * block_bytes);
+    }
+  }
+};
+
+}  // namespace kvc::quant

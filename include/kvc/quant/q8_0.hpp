@@ -1,0 +1,118 @@
+// kvc/quant/q8_0.hpp — quant::Q8_0: ggml's q8_0 blocks, byte for byte.
+//
+// Format:     ggml / llama.cpp `block_q8_0` (ggml-common.h, QK8_0 = 32), packed, no padding:
+//               offset 0..1   d      IEEE fp16, little-endian (ggml_half)
+//               offset 2..33  q[32]  int8, element j of the block in q[j]
+//             34 bytes per 32 values; a head of d channels is d / 32 consecutive blocks, the
+//             same for keys and values: key_bytes = value_bytes = 34 · d / 32 (136 at d = 128,
+//             0.53× Dense<half>). A row of blocks is exactly what llama.cpp stores for a
+//             GGML_TYPE_Q8_0 K/V row, so a token's codes can be handed to (or taken from) a
+//             llama.cpp cache as they are.
+// Keeps:      amax = max|x| over the block, d = amax / 127 (fp32, stored rounded to fp16),
+//             q[j] = roundf(x[j] · (1 / d)) (ties away from zero), x̂ = fp16(d) · q.
+//             |x − x̂| ≤ d / 2 + 127 · |d − fp16(d)| (≤ ~0.56 d).
+// Needs:      head_dim % 32 == 0.
+// Cost/step:  attend widens one page tile (d · q → fp32, simd::dequantize_q8_0) into the
+//             caller's L1 scratch and reuses simd::dot_block / simd::axpy_block: scores and
+//             outputs are exact fp32 functions of the stored codes.
+// Paper:      none; the format of ggml (Gerganov et al., github.com/ggml-org/ggml), used by
+//             llama.cpp's `--cache-type-k/v q8_0`.
+// Choices:    encoding follows ggml's reference `quantize_row_q8_0_ref` exactly (multiply by
+//             the fp32 inverse, roundf), so the bytes match it, except where ggml has no
+//             finite answer: amax > 127 · 65504 saturates d at the largest fp16 (65504) and
+//             clamps codes to ±127 (ggml would store d = inf and decode NaN); a block whose
+//             1 / d overflows (d denormal in fp32 — its fp16 is 0 anyway) gets codes 0.
+#pragma once
+
+#include <kvc/core/element.hpp>
+#include <kvc/core/events.hpp>
+#include <kvc/simd/int8.hpp>
+#include <kvc/simd/kernels.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+namespace kvc::quant {
+
+struct Q8_0 {
+  static constexpr std::size_t block_values = 32;
+  static constexpr std::size_t block_bytes = 34;  // sizeof(block_q8_0)
+
+  static constexpr std::string_view name() noexcept { return "q8_0"; }
+
+  constexpr std::size_t key_bytes(std::size_t head_dim) const noexcept {
+    return head_dim / block_values * block_bytes;
+  }
+  constexpr std::size_t value_bytes(std::size_t head_dim) const noexcept {
+    return key_bytes(head_dim);
+  }
+  constexpr bool supports_head_dim(std::size_t head_dim) const noexcept {
+    return head_dim > 0 && head_dim % block_values == 0;
+  }
+
+  template <Element S>
+  void encode_key(const S* source, std::size_t head_dim, std::byte* codes) const noexcept {
+    encode(source, head_dim, codes);
+  }
+  template <Element S>
+  void encode_value(const S* source, std::size_t head_dim, std::byte* codes) const noexcept {
+    encode(source, head_dim, codes);
+  }
+
+  void decode_key(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {
+    simd::dequantize_q8_0(codes, out, head_dim);
+  }
+  void decode_value(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {
+    simd::dequantize_q8_0(codes, out, head_dim);
+  }
+
+  void score_tile(const ScoreTile& tile) const noexcept {
+    const std::size_t d = tile.head_dim;
+    for (std::size_t j = 0; j < tile.tokens; ++j) {
+      simd::dequantize_q8_0(tile.key_codes + j * key_bytes(d), tile.scratch + j * d, d);
+    }
+    simd::dot_block(tile.queries, tile.rows, d, tile.scratch, tile.tokens, d, d, tile.scores,
+                    tile.scores_stride);
+  }
+
+  void accumulate_tile(const AccumulateTile& tile) const noexcept {
+    const std::size_t d = tile.head_dim;
+    for (std::size_t j = 0; j < tile.tokens; ++j) {
+      simd::dequantize_q8_0(tile.value_codes + j * value_bytes(d), tile.scratch + j * d, d);
+    }
+    simd::axpy_block(tile.weights, tile.rows, tile.weights_stride, tile.scratch, tile.tokens, d, d,
+                     tile.acc, d);
+  }
+
+  // One block_q8_0 from 32 values (ggml's quantize_row_q8_0_ref, saturating; see above).
+  template <Element S>
+  static void encode_block(const S* x, std::byte* block) noexcept {
+    constexpr float fp16_max = 65504.0F;
+    float amax = 0.0F;
+    for (std::size_t j = 0; j < block_values; ++j) {
+      amax = std::max(amax, std::abs(static_cast<float>(x[j])));
+    }
+    const float d = std::min(amax / 127.0F, fp16_max);
+    float inverse = d != 0.0F ? 1.0F / d : 0.0F;
+    if (!std::isfinite(inverse)) inverse = 0.0F;
+    simd::store_fp16(d, block);
+    for (std::size_t j = 0; j < block_values; ++j) {
+      const float q = std::round(static_cast<float>(x[j]) * inverse);
+      block[2 + j] = static_cast<std::byte>(
+          static_cast<std::int8_t>(std::fmin(std::fmax(q, -127.0F), 127.0F)));
+    }
+  }
+
+ private:
+  template <Element S>
+  static void encode(const S* source, std::size_t head_dim, std::byte* codes) noexcept {
+    for (std::size_t b = 0; b < head_dim / block_values; ++b) {
+      encode_block(source + b * block_values, codes + b * block_bytes);
+    }
+  }
+};
+
+}  // namespace kvc::quant

@@ -1,0 +1,270 @@
+// Tests of kvc/quant/q8_0.hpp: ggml's block_q8_0 bytes by hand, the round-trip bound, the
+// fused tile kernels against float64 on the decoded values, adversarial inputs and KvCache
+// end to end.
+#include <kvc/quant/q8_0.hpp>
+
+#include <kvc/core/kv_cache.hpp>
+#include <kvc/evict/h2o.hpp>
+
+#include <catch2/catch.hpp>
+
+#include "../support/reference.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+namespace {
+
+using kvc::test::random_tensor;
+using kvc::test::Tensor3;
+
+std::vector<std::byte> bytes(std::initializer_list<int> values) {
+  std::vector<std::byte> out;
+  for (int v : values) out.push_back(static_cast<std::byte>(v));
+  return out;
+}
+
+float block_scale(const std::byte* block) {
+  return kvc::simd::load_fp16(block);
+}
+
+// |x − x̂| ≤ d/2 + 127·|d − fp16(d)| with d = amax/127 in fp32 (the codes come from the fp32
+// d, the decoder multiplies by the fp16 one), plus one fp32 rounding of fp16(d)·q. When d is
+// below fp32's normal range, 1/d overflows and the block stores codes 0 (fp16(d) is 0 too).
+void check_round_trip(const std::vector<float>& x) {
+  const kvc::quant::Q8_0 q8;
+  const std::size_t d = x.size();
+  std::vector<std::byte> codes(q8.key_bytes(d));
+  std::vector<float> decoded(d);
+  q8.encode_key(x.data(), d, codes.data());
+  q8.decode_key(codes.data(), d, decoded.data());
+  for (std::size_t b = 0; b < d / 32; ++b) {
+    double amax = 0;
+    for (std::size_t j = 0; j < 32; ++j) amax = std::max(amax, std::abs(double(x[b * 32 + j])));
+    const double d32 = static_cast<float>(static_cast<float>(amax) / 127.0F);
+    const double d16 = block_scale(codes.data() + 34 * b);
+    for (std::size_t j = 0; j < 32; ++j) {
+      const std::size_t i = b * 32 + j;
+      REQUIRE(std::isfinite(decoded[i]));
+      if (d32 < std::numeric_limits<float>::min()) {
+        REQUIRE(decoded[i] == 0.0F);
+        continue;
+      }
+      const double bound = d32 / 2 + 127 * std::abs(d32 - d16) + std::abs(decoded[i]) * 6e-8;
+      REQUIRE(std::abs(double(x[i]) - decoded[i]) <= bound);
+    }
+  }
+}
+
+template <class Q>
+void check_tile_kernels(const Q& quantizer, std::size_t d, std::size_t tokens, std::size_t rows,
+                        unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> keys(tokens * d), values(tokens * d), queries(rows * d), p(rows * tokens);
+  for (float& x : keys) x = normal(rng);
+  for (float& x : values) x = normal(rng);
+  for (float& x : queries) x = normal(rng);
+  for (float& x : p) x = std::abs(normal(rng));
+  const std::size_t kb = quantizer.key_bytes(d);
+  const std::size_t vb = quantizer.value_bytes(d);
+  std::vector<std::byte> key_codes(1 + tokens * kb), value_codes(1 + tokens * vb);
+  std::vector<float> decoded_keys(tokens * d), decoded_values(tokens * d);
+  for (std::size_t t = 0; t < tokens; ++t) {
+    quantizer.encode_key(keys.data() + t * d, d, key_codes.data() + 1 + t * kb);
+    quantizer.encode_value(values.data() + t * d, d, value_codes.data() + 1 + t * vb);
+    quantizer.decode_key(key_codes.data() + 1 + t * kb, d, decoded_keys.data() + t * d);
+    quantizer.decode_value(value_codes.data() + 1 + t * vb, d, decoded_values.data() + t * d);
+  }
+  std::vector<float> scores(rows * (tokens + 3)), scratch(tokens * d), acc(rows * d, 0.5F);
+  quantizer.score_tile(kvc::ScoreTile{queries.data(), rows, key_codes.data() + 1, tokens, d,
+                                      scores.data(), tokens + 3, scratch.data()});
+  quantizer.accumulate_tile(kvc::AccumulateTile{p.data(), rows, tokens, value_codes.data() + 1,
+                                                tokens, d, acc.data(), scratch.data()});
+  // The kernels widen the same codes to the same fp32 values, so the only difference from
+  // float64 is fp32 summation: ≤ d · 2^-24 relative to Σ|terms| (1e-5 leaves margin).
+  for (std::size_t r = 0; r < rows; ++r) {
+    for (std::size_t j = 0; j < tokens; ++j) {
+      double expected = 0, magnitude = 0;
+      for (std::size_t c = 0; c < d; ++c) {
+        expected += double(queries[r * d + c]) * decoded_keys[j * d + c];
+        magnitude += std::abs(double(queries[r * d + c]) * decoded_keys[j * d + c]);
+      }
+      REQUIRE(std::abs(scores[r * (tokens + 3) + j] - expected) <= 1e-5 * magnitude + 1e-6);
+    }
+    for (std::size_t c = 0; c < d; ++c) {
+      double expected = 0.5, magnitude = 0.5;
+      for (std::size_t j = 0; j < tokens; ++j) {
+        expected += double(p[r * tokens + j]) * decoded_values[j * d + c];
+        magnitude += std::abs(double(p[r * tokens + j]) * decoded_values[j * d + c]);
+      }
+      REQUIRE(std::abs(acc[r * d + c] - expected) <= 1e-5 * magnitude + 1e-6);
+    }
+  }
+}
+
+// attend on the codes vs float64 attention on the cache's own decoded K/V, and the bytes.
+template <class Scorer, class Q>
+void check_end_to_end(Scorer scorer, kvc::Budget budget, std::size_t expected_tokens) {
+  const kvc::Geometry geometry{.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64};
+  // auto_compress off: attend_error references the stored K/V, which must still be the set
+  // attend read; compress() runs after each check.
+  kvc::KvCache<Scorer, Q> cache(
+      geometry, {.budget = budget, .page_tokens = 16, .auto_compress = false}, scorer);
+  std::mt19937 rng(11);
+  const auto seq = cache.open_sequence();
+  const Tensor3 q = random_tensor(rng, 8, 5, 64);
+  Tensor3 out(8, 5, 64);
+  cache.append(seq, 0, random_tensor(rng, 2, 293, 64).view(),
+               random_tensor(rng, 2, 293, 64).view());
+  cache.attend(seq, 0, q.view(), out.mutable_view());
+  REQUIRE(kvc::test::attend_error(cache, seq, 0, q, out) < 1e-4);
+  cache.compress(seq);
+  Tensor3 step_out(8, 1, 64);
+  for (std::size_t step = 0; step < 20; ++step) {
+    cache.append(seq, 0, random_tensor(rng, 2, 1, 64).view(), random_tensor(rng, 2, 1, 64).view());
+    const Tensor3 step_q = random_tensor(rng, 8, 1, 64);
+    cache.attend(seq, 0, step_q.view(), step_out.mutable_view());
+    // Exact on the codes: only fp32 rounding separates it from the float64 reference.
+    REQUIRE(kvc::test::attend_error(cache, seq, 0, step_q, step_out) < 1e-4);
+    cache.compress(seq);
+  }
+  const auto stats = cache.stats();
+  const Q quantizer;
+  CHECK(stats.tokens_stored == 2 * expected_tokens);
+  CHECK(stats.code_bytes ==
+        2 * expected_tokens * (quantizer.key_bytes(64) + quantizer.value_bytes(64)));
+}
+
+}  // namespace
+
+TEST_CASE("Q8_0 sizes: 34 bytes per 32 values", "[q8_0]") {
+  const kvc::quant::Q8_0 q8;
+  CHECK(q8.key_bytes(128) == 136);
+  CHECK(q8.value_bytes(128) == 136);
+  CHECK(q8.key_bytes(32) == 34);
+  CHECK(q8.supports_head_dim(96));
+  CHECK(!q8.supports_head_dim(0));
+  CHECK(!q8.supports_head_dim(48));
+  CHECK(kvc::Quantizer<kvc::quant::Q8_0>);
+  CHECK(kvc::quant::Q8_0::name() == "q8_0");
+}
+
+TEST_CASE("Q8_0 writes ggml's block_q8_0 bytes (hand-computed)", "[q8_0]") {
+  std::vector<float> x(64, 0.0F);
+  // Block 0: amax 127 → d = 1 (fp16 0x3C00), q = roundf(x): ties away from zero, as ggml.
+  const float head[] = {-127.0F, 2.5F, -2.5F, 0.49F, 126.6F, -0.5F, 1e-3F};
+  std::copy(std::begin(head), std::end(head), x.begin());
+  for (std::size_t j = 7; j < 32; ++j) x[j] = static_cast<float>(j) - 16.0F;
+  // Block 1: amax 0.5 → d = 0.5/127 = 0.0039370…: fp16 2^-8 · (1 + 8/1024) = 0x1C08;
+  // 1/d = 254: 0.1 → 25.4 → 25, −0.3 → −76.2 → −76.
+  x[32] = 0.5F;
+  x[33] = 0.1F;
+  x[34] = -0.3F;
+  std::vector<std::byte> codes(68);
+  kvc::quant::Q8_0{}.encode_key(x.data(), 64, codes.data());
+
+  std::vector<std::byte> expected = bytes({0x00, 0x3C, 0x81, 3, 0xFD, 0, 127, 0xFF, 0});
+  for (int j = 7; j < 32; ++j) expected.push_back(static_cast<std::byte>(j - 16));
+  for (int b : {0x08, 0x1C, 127, 25, 0xB4}) expected.push_back(static_cast<std::byte>(b));
+  expected.resize(68, std::byte{0});
+  CHECK(codes == expected);
+
+  std::vector<float> decoded(64);
+  kvc::quant::Q8_0{}.decode_value(codes.data(), 64, decoded.data());
+  const double d16 = std::ldexp(1.0 + 8.0 / 1024.0, -8);
+  CHECK(decoded[0] == -127.0F);
+  CHECK(decoded[1] == 3.0F);
+  CHECK(double(decoded[33]) == d16 * 25);
+  CHECK(double(decoded[34]) == d16 * -76);
+}
+
+TEST_CASE("Q8_0 round trip stays within the fp16-scale bound", "[q8_0]") {
+  std::mt19937 rng(8);
+  std::normal_distribution<float> normal;
+  for (int trial = 0; trial < 50; ++trial) {
+    std::vector<float> x(128);
+    const float spread = std::ldexp(1.0F, trial % 20 - 10);
+    for (std::size_t c = 0; c < 128; ++c) x[c] = normal(rng) * spread * (c == 5 ? 30.0F : 1.0F);
+    check_round_trip(x);
+  }
+  SECTION("half and bfloat16 hosts encode as their widened fp32 values") {
+    const kvc::quant::Q8_0 q8;
+    std::vector<float> x(64), hx(64), bx(64);
+    std::vector<Eigen::half> h(64);
+    std::vector<Eigen::bfloat16> b(64);
+    for (std::size_t c = 0; c < 64; ++c) {
+      x[c] = normal(rng);
+      h[c] = Eigen::half(x[c]);
+      b[c] = Eigen::bfloat16(x[c]);
+      hx[c] = static_cast<float>(h[c]);
+      bx[c] = static_cast<float>(b[c]);
+    }
+    std::vector<std::byte> one(68), two(68);
+    q8.encode_key(h.data(), 64, one.data());
+    q8.encode_key(hx.data(), 64, two.data());
+    CHECK(one == two);
+    q8.encode_value(b.data(), 64, one.data());
+    q8.encode_value(bx.data(), 64, two.data());
+    CHECK(one == two);
+  }
+}
+
+TEST_CASE("Q8_0 adversarial inputs", "[q8_0]") {
+  const kvc::quant::Q8_0 q8;
+  std::vector<std::byte> codes(q8.key_bytes(64), std::byte{0x55});
+  std::vector<float> decoded(64);
+  SECTION("all zeros: d = 0, codes 0") {
+    const std::vector<float> x(64, 0.0F);
+    q8.encode_key(x.data(), 64, codes.data());
+    CHECK(std::all_of(codes.begin(), codes.end(), [](std::byte b) { return b == std::byte{0}; }));
+    q8.decode_key(codes.data(), 64, decoded.data());
+    CHECK(decoded == x);
+  }
+  SECTION("constant channels") {
+    std::vector<float> x(64, 0.7F);
+    for (std::size_t c = 32; c < 64; ++c) x[c] = -3.0F;
+    check_round_trip(x);
+    q8.encode_key(x.data(), 64, codes.data());
+    CHECK(codes[2] == std::byte{127});
+    CHECK(codes[34 + 2] == std::byte{0x81});
+  }
+  SECTION("a 1e30 outlier saturates d at the largest fp16, never inf or NaN") {
+    std::vector<float> x(64, 1.0F);
+    x[9] = -1e30F;
+    q8.encode_key(x.data(), 64, codes.data());
+    CHECK(block_scale(codes.data()) == 65504.0F);
+    CHECK(codes[2 + 9] == std::byte{0x81});
+    q8.decode_key(codes.data(), 64, decoded.data());
+    CHECK(decoded[9] == -127.0F * 65504.0F);
+    CHECK(decoded[0] == 0.0F);
+    CHECK(decoded[40] == Approx(1.0).epsilon(1e-3));  // the other block keeps its own d
+    std::vector<float> block(x.begin() + 32, x.end());
+    check_round_trip(block);
+  }
+  SECTION("denormals and tiny values decode to finite values within the bound") {
+    std::vector<float> x(96);
+    for (std::size_t c = 0; c < 32; ++c) x[c] = static_cast<float>(c) * 1e-40F;   // d denormal
+    for (std::size_t c = 32; c < 64; ++c) x[c] = static_cast<float>(c) * -1e-7F;  // fp16(d) = 0
+    for (std::size_t c = 64; c < 96; ++c)
+      x[c] = static_cast<float>(c) * 1e-5F;  // fp16(d) subnormal
+    x[3] = std::numeric_limits<float>::denorm_min();
+    check_round_trip(x);
+  }
+}
+
+TEST_CASE("Q8_0 tile kernels on codes match float64 on the decoded values", "[q8_0]") {
+  check_tile_kernels(kvc::quant::Q8_0{}, 128, 16, 4, 1);
+  check_tile_kernels(kvc::quant::Q8_0{}, 128, 13, 5, 2);
+  check_tile_kernels(kvc::quant::Q8_0{}, 96, 3, 1, 3);
+}
+
+TEST_CASE("Q8_0 in a KvCache: attend on codes matches float64 on the stored K/V", "[q8_0]") {
+  check_end_to_end<kvc::evict::Full, kvc::quant::Q8_0>({}, kvc::Budget::unlimited(), 313);
+  check_end_to_end<kvc::evict::H2O, kvc::quant::Q8_0>(kvc::evict::H2O({.recent_tokens = 16}),
+                                                      kvc::Budget::tokens(64), 64);
+}
