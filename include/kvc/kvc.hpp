@@ -7,6 +7,7 @@
 #pragma once
 
 #include <kvc/backend/cpu.hpp>
+#include <kvc/budget/pyramid_kv.hpp>
 #include <kvc/budget/uniform.hpp>
 #include <kvc/core/concepts.hpp>
 #include <kvc/core/element.hpp>
@@ -19,8 +20,15 @@
 #include <kvc/core/view.hpp>
 #include <kvc/evict/full.hpp>
 #include <kvc/evict/h2o.hpp>
+#include <kvc/evict/key_diff.hpp>
+#include <kvc/evict/knorm.hpp>
+#include <kvc/evict/snapkv.hpp>
 #include <kvc/evict/streaming_llm.hpp>
+#include <kvc/evict/tova.hpp>
 #include <kvc/offload/none.hpp>
 #include <kvc/quant/dense.hpp>
+#include <kvc/quant/int8.hpp>
+#include <kvc/quant/q4_0.hpp>
+#include <kvc/quant/q8_0.hpp>
 #include <kvc/retrieval/exhaustive.hpp>
 #include <kvc/version.hpp>
