@@ -28,6 +28,7 @@
 
 #include <kvc/core/element.hpp>
 #include <kvc/core/events.hpp>
+#include <kvc/quant/token_codec.hpp>
 #include <kvc/simd/int8.hpp>
 #include <kvc/simd/kernels.hpp>
 
@@ -42,7 +43,7 @@ namespace kvc::quant {
 
 // Group = 0: one scale per (token, kv head); otherwise one per Group consecutive channels.
 template <std::size_t Group = 0>
-struct Int8 {
+struct Int8 : TokenCodec<Int8<Group>> {
   static_assert(Group == 0 || Group == 16 || Group == 32 || Group == 64 || Group == 128,
                 "quant::Int8<Group>: Group is 0 (per token) or one of 16, 32, 64, 128");
 
@@ -69,48 +70,11 @@ struct Int8 {
     return Group == 0 ? head_dim : Group;
   }
 
-  constexpr std::size_t key_bytes(std::size_t head_dim) const noexcept {
+  static constexpr std::size_t row_bytes(std::size_t head_dim) noexcept {
     return head_dim + sizeof(float) * groups(head_dim);
-  }
-  constexpr std::size_t value_bytes(std::size_t head_dim) const noexcept {
-    return key_bytes(head_dim);
   }
   constexpr bool supports_head_dim(std::size_t head_dim) const noexcept {
     return head_dim > 0 && (Group == 0 || head_dim % Group == 0);
-  }
-
-  template <Element S>
-  void encode_key(const S* source, std::size_t head_dim, std::byte* codes) const noexcept {
-    encode(source, head_dim, codes);
-  }
-  template <Element S>
-  void encode_value(const S* source, std::size_t head_dim, std::byte* codes) const noexcept {
-    encode(source, head_dim, codes);
-  }
-
-  void decode_key(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {
-    decode(codes, head_dim, out);
-  }
-  void decode_value(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {
-    decode(codes, head_dim, out);
-  }
-
-  void score_tile(const ScoreTile& tile) const noexcept {
-    const std::size_t d = tile.head_dim;
-    for (std::size_t j = 0; j < tile.tokens; ++j) {
-      decode(tile.key_codes + j * key_bytes(d), d, tile.scratch + j * d);
-    }
-    simd::dot_block(tile.queries, tile.rows, d, tile.scratch, tile.tokens, d, d, tile.scores,
-                    tile.scores_stride);
-  }
-
-  void accumulate_tile(const AccumulateTile& tile) const noexcept {
-    const std::size_t d = tile.head_dim;
-    for (std::size_t j = 0; j < tile.tokens; ++j) {
-      decode(tile.value_codes + j * value_bytes(d), d, tile.scratch + j * d);
-    }
-    simd::axpy_block(tile.weights, tile.rows, tile.weights_stride, tile.scratch, tile.tokens, d, d,
-                     tile.acc, d);
   }
 
   // q = round(x / scale) (ties to even), clamped to ±127; 0 when scale is 0.
@@ -121,6 +85,8 @@ struct Int8 {
   }
 
  private:
+  friend struct TokenCodec<Int8>;
+
   template <Element S>
   static void encode(const S* source, std::size_t head_dim, std::byte* codes) noexcept {
     const std::size_t size = group_size(head_dim);

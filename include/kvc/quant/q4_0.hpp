@@ -29,6 +29,7 @@
 
 #include <kvc/core/element.hpp>
 #include <kvc/core/events.hpp>
+#include <kvc/quant/token_codec.hpp>
 #include <kvc/simd/int8.hpp>
 #include <kvc/simd/kernels.hpp>
 
@@ -40,54 +41,17 @@
 
 namespace kvc::quant {
 
-struct Q4_0 {
+struct Q4_0 : TokenCodec<Q4_0> {
   static constexpr std::size_t block_values = 32;
   static constexpr std::size_t block_bytes = 18;  // sizeof(block_q4_0)
 
   static constexpr std::string_view name() noexcept { return "q4_0"; }
 
-  constexpr std::size_t key_bytes(std::size_t head_dim) const noexcept {
+  static constexpr std::size_t row_bytes(std::size_t head_dim) noexcept {
     return head_dim / block_values * block_bytes;
-  }
-  constexpr std::size_t value_bytes(std::size_t head_dim) const noexcept {
-    return key_bytes(head_dim);
   }
   constexpr bool supports_head_dim(std::size_t head_dim) const noexcept {
     return head_dim > 0 && head_dim % block_values == 0;
-  }
-
-  template <Element S>
-  void encode_key(const S* source, std::size_t head_dim, std::byte* codes) const noexcept {
-    encode(source, head_dim, codes);
-  }
-  template <Element S>
-  void encode_value(const S* source, std::size_t head_dim, std::byte* codes) const noexcept {
-    encode(source, head_dim, codes);
-  }
-
-  void decode_key(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {
-    simd::dequantize_q4_0(codes, out, head_dim);
-  }
-  void decode_value(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {
-    simd::dequantize_q4_0(codes, out, head_dim);
-  }
-
-  void score_tile(const ScoreTile& tile) const noexcept {
-    const std::size_t d = tile.head_dim;
-    for (std::size_t j = 0; j < tile.tokens; ++j) {
-      simd::dequantize_q4_0(tile.key_codes + j * key_bytes(d), tile.scratch + j * d, d);
-    }
-    simd::dot_block(tile.queries, tile.rows, d, tile.scratch, tile.tokens, d, d, tile.scores,
-                    tile.scores_stride);
-  }
-
-  void accumulate_tile(const AccumulateTile& tile) const noexcept {
-    const std::size_t d = tile.head_dim;
-    for (std::size_t j = 0; j < tile.tokens; ++j) {
-      simd::dequantize_q4_0(tile.value_codes + j * value_bytes(d), tile.scratch + j * d, d);
-    }
-    simd::axpy_block(tile.weights, tile.rows, tile.weights_stride, tile.scratch, tile.tokens, d, d,
-                     tile.acc, d);
   }
 
   // One block_q4_0 from 32 values (ggml's quantize_row_q4_0_ref, saturating; see above).
@@ -119,6 +83,12 @@ struct Q4_0 {
   }
 
  private:
+  friend struct TokenCodec<Q4_0>;
+
+  static void decode(const std::byte* codes, std::size_t head_dim, float* out) noexcept {
+    simd::dequantize_q4_0(codes, out, head_dim);
+  }
+
   template <Element S>
   static void encode(const S* source, std::size_t head_dim, std::byte* codes) noexcept {
     for (std::size_t b = 0; b < head_dim / block_values; ++b) {
