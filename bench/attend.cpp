@@ -29,6 +29,8 @@
 // them and, at 8K, with check_finite off (label "unchecked").
 #include <kvc/kvc.hpp>
 
+#include "machine.hpp"
+
 #include <benchmark/benchmark.h>
 #include <fmt/format.h>
 
@@ -318,21 +320,8 @@ BENCHMARK(BM_attend_kvc<kvc::quant::Dense<Eigen::half>>)
     ->ArgNames({"context", "group"})
     ->Unit(benchmark::kMicrosecond);
 
-// "model name" from /proc/cpuinfo (Linux); Google Benchmark's context has no CPU model.
-std::string cpu_model() {
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(cpuinfo, line)) {
-    if (line.rfind("model name", 0) == 0) {
-      const std::size_t colon = line.find(':');
-      if (colon != std::string::npos) return line.substr(line.find_first_not_of(' ', colon + 1));
-    }
-  }
-  return "unknown";
-}
-
 int main(int argc, char** argv) {
-  benchmark::AddCustomContext("cpu", cpu_model());
+  benchmark::AddCustomContext("cpu", kvc::bench::cpu_model());
   benchmark::AddCustomContext("simd_arch", std::string(kvc::simd::arch_name()));
   benchmark::AddCustomContext("kvc_version", fmt::format("{}.{}.{}", kvc::version_major,
                                                          kvc::version_minor, kvc::version_patch));

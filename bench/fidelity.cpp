@@ -37,27 +37,10 @@
 // prompt, 4 decode steps, budget 1/4 only. Any --benchmark_* argument (the ctest smoke test
 // passes --benchmark_min_time=0.001) is accepted and implies --quick, and then the JSON is
 // written only when a path is given.
+#include "machine.hpp"
 #include "synthetic.hpp"
 
-#include <kvc/budget/pyramid_kv.hpp>
 #include <kvc/kvc.hpp>
-
-#if __has_include(<kvc/evict/snapkv.hpp>)
-#include <kvc/evict/snapkv.hpp>
-#define KVC_FIDELITY_SNAPKV 1
-#endif
-#if __has_include(<kvc/evict/tova.hpp>)
-#include <kvc/evict/tova.hpp>
-#define KVC_FIDELITY_TOVA 1
-#endif
-#if __has_include(<kvc/evict/knorm.hpp>)
-#include <kvc/evict/knorm.hpp>
-#define KVC_FIDELITY_KNORM 1
-#endif
-#if __has_include(<kvc/evict/key_diff.hpp>)
-#include <kvc/evict/key_diff.hpp>
-#define KVC_FIDELITY_KEY_DIFF 1
-#endif
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -357,18 +340,6 @@ std::vector<RunOutput> run_all(const std::vector<Job>& jobs, std::size_t threads
   return results;
 }
 
-std::string cpu_model() {
-  std::ifstream cpuinfo("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(cpuinfo, line)) {
-    if (line.rfind("model name", 0) == 0) {
-      const std::size_t colon = line.find(':');
-      if (colon != std::string::npos) return line.substr(line.find_first_not_of(' ', colon + 1));
-    }
-  }
-  return "unknown";
-}
-
 std::string now_iso8601() {
   const std::time_t now = std::time(nullptr);
   char text[32];
@@ -451,18 +422,10 @@ int run(int argc, char** argv) {
                   }});
   add_scorer<kvc::evict::StreamingLLM>(jobs, data, settings);
   add_scorer<kvc::evict::H2O>(jobs, data, settings);
-#ifdef KVC_FIDELITY_SNAPKV
   add_scorer<kvc::evict::SnapKV>(jobs, data, settings);
-#endif
-#ifdef KVC_FIDELITY_TOVA
   add_scorer<kvc::evict::TOVA>(jobs, data, settings);
-#endif
-#ifdef KVC_FIDELITY_KNORM
   add_scorer<kvc::evict::Knorm>(jobs, data, settings);
-#endif
-#ifdef KVC_FIDELITY_KEY_DIFF
   add_scorer<kvc::evict::KeyDiff>(jobs, data, settings);
-#endif
   const std::vector<RunOutput> outputs = run_all(jobs, settings.threads);
 
   nlohmann::json runs = nlohmann::json::array();
@@ -477,7 +440,7 @@ int run(int argc, char** argv) {
   nlohmann::json report{
       {"benchmark", "fidelity"},
       {"context",
-       {{"cpu", cpu_model()},
+       {{"cpu", kvc::bench::cpu_model()},
         {"simd_arch", kvc::simd::arch_name()},
         {"kvc_version",
          fmt::format("{}.{}.{}", kvc::version_major, kvc::version_minor, kvc::version_patch)},

@@ -4,6 +4,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "../support/quantizer_checks.hpp"
+
 #include <cmath>
 #include <random>
 #include <vector>
@@ -14,8 +16,6 @@ template <class T>
 void check_dense_format(float relative_rounding) {
   const kvc::quant::Dense<T> dense;
   constexpr std::size_t d = 128;
-  constexpr std::size_t tokens = 16;
-  constexpr std::size_t rows = 4;
   CHECK(dense.key_bytes(d) == d * sizeof(T));
   CHECK(dense.value_bytes(d) == d * sizeof(T));
   CHECK(dense.supports_head_dim(1));
@@ -23,57 +23,25 @@ void check_dense_format(float relative_rounding) {
 
   std::mt19937 rng(42);
   std::normal_distribution<float> normal;
-  std::vector<float> keys(tokens * d), values(tokens * d), queries(rows * d), p(rows * tokens);
+  std::vector<float> keys(16 * d);
   for (float& x : keys) x = normal(rng);
-  for (float& x : values) x = normal(rng);
-  for (float& x : queries) x = normal(rng);
-  for (float& x : p) x = std::abs(normal(rng));
-
-  std::vector<std::byte> key_codes(tokens * dense.key_bytes(d));
-  std::vector<std::byte> value_codes(tokens * dense.value_bytes(d));
-  for (std::size_t t = 0; t < tokens; ++t) {
-    dense.encode_key(keys.data() + t * d, d, key_codes.data() + t * dense.key_bytes(d));
-    dense.encode_value(values.data() + t * d, d, value_codes.data() + t * dense.value_bytes(d));
-  }
+  std::vector<std::byte> codes(dense.key_bytes(d));
+  std::vector<float> decoded(d);
   // Round trip: exact for f32, nearest-even rounding for f16/bf16.
-  std::vector<float> decoded(tokens * d);
-  for (std::size_t t = 0; t < tokens; ++t) {
-    dense.decode_key(key_codes.data() + t * dense.key_bytes(d), d, decoded.data() + t * d);
-  }
-  for (std::size_t i = 0; i < keys.size(); ++i) {
-    REQUIRE(std::abs(decoded[i] - keys[i]) <= std::abs(keys[i]) * relative_rounding);
-    REQUIRE(decoded[i] == static_cast<float>(static_cast<T>(keys[i])));
-  }
-  std::vector<float> decoded_values(tokens * d);
-  for (std::size_t t = 0; t < tokens; ++t) {
-    dense.decode_value(value_codes.data() + t * dense.value_bytes(d), d,
-                       decoded_values.data() + t * d);
-  }
-
-  // Fused kernels on the codes == float64 math on the decoded values.
-  std::vector<float> scores(rows * tokens), scratch(tokens * d), acc(rows * d, 0.0F);
-  dense.score_tile(kvc::ScoreTile{queries.data(), rows, key_codes.data(), tokens, d, scores.data(),
-                                  tokens, scratch.data()});
-  dense.accumulate_tile(kvc::AccumulateTile{p.data(), rows, tokens, value_codes.data(), tokens, d,
-                                            acc.data(), scratch.data()});
-  for (std::size_t r = 0; r < rows; ++r) {
-    for (std::size_t j = 0; j < tokens; ++j) {
-      double expected = 0, magnitude = 0;
-      for (std::size_t c = 0; c < d; ++c) {
-        expected += double(queries[r * d + c]) * decoded[j * d + c];
-        magnitude += std::abs(double(queries[r * d + c]) * decoded[j * d + c]);
-      }
-      REQUIRE(std::abs(scores[r * tokens + j] - expected) <= 1e-5 * magnitude + 1e-6);
-    }
+  for (std::size_t t = 0; t < 16; ++t) {
+    dense.encode_key(keys.data() + t * d, d, codes.data());
+    dense.decode_key(codes.data(), d, decoded.data());
     for (std::size_t c = 0; c < d; ++c) {
-      double expected = 0, magnitude = 0;
-      for (std::size_t j = 0; j < tokens; ++j) {
-        expected += double(p[r * tokens + j]) * decoded_values[j * d + c];
-        magnitude += std::abs(double(p[r * tokens + j]) * decoded_values[j * d + c]);
-      }
-      REQUIRE(std::abs(acc[r * d + c] - expected) <= 1e-5 * magnitude + 1e-6);
+      const float x = keys[t * d + c];
+      REQUIRE(std::abs(decoded[c] - x) <= std::abs(x) * relative_rounding);
+      REQUIRE(decoded[c] == static_cast<float>(static_cast<T>(x)));
     }
   }
+  // Fused kernels on the stored T == float64 on the decoded values. Typed storage is
+  // aligned in pages, so the codes are not offset (offset 0).
+  kvc::test::check_tile_kernels(dense, d, 16, 4, 42, 0);
+  kvc::test::check_tile_kernels(dense, 100, 13, 5, 43, 0);
+  kvc::test::check_host_types_encode_as_widened(dense, d, 44);
 }
 
 }  // namespace

@@ -131,24 +131,9 @@ TEST_CASE("Int8 round trip stays within half a step", "[int8]") {
   check_round_trip<32>(x, 128);
   check_round_trip<0>(std::vector<float>(x.begin(), x.begin() + 7 * 9), 7);
 
-  SECTION("from half and bfloat16 hosts: the bound holds for the widened value") {
-    std::vector<Eigen::half> h(128);
-    std::vector<Eigen::bfloat16> b(128);
-    std::vector<float> hx(128), bx(128);
-    for (std::size_t c = 0; c < 128; ++c) {
-      h[c] = Eigen::half(x[c]);
-      b[c] = Eigen::bfloat16(x[c]);
-      hx[c] = static_cast<float>(h[c]);
-      bx[c] = static_cast<float>(b[c]);
-    }
-    const kvc::quant::Int8<> int8;
-    std::vector<std::byte> from_half(int8.key_bytes(128)), from_float(int8.key_bytes(128));
-    int8.encode_key(h.data(), 128, from_half.data());
-    int8.encode_key(hx.data(), 128, from_float.data());
-    CHECK(from_half == from_float);
-    int8.encode_value(b.data(), 128, from_half.data());
-    int8.encode_value(bx.data(), 128, from_float.data());
-    CHECK(from_half == from_float);
+  SECTION("half and bfloat16 hosts encode as their widened fp32 values") {
+    kvc::test::check_host_types_encode_as_widened(kvc::quant::Int8<>{}, 128, 10);
+    kvc::test::check_host_types_encode_as_widened(kvc::quant::Int8<32>{}, 128, 11);
   }
 }
 

@@ -134,24 +134,7 @@ TEST_CASE("Q4_0 round trip stays within the derived bound", "[q4_0]") {
     check_round_trip(x);
   }
   SECTION("half and bfloat16 hosts encode as their widened fp32 values") {
-    const kvc::quant::Q4_0 q4;
-    std::vector<float> x(64), hx(64), bx(64);
-    std::vector<Eigen::half> h(64);
-    std::vector<Eigen::bfloat16> b(64);
-    for (std::size_t c = 0; c < 64; ++c) {
-      x[c] = normal(rng);
-      h[c] = Eigen::half(x[c]);
-      b[c] = Eigen::bfloat16(x[c]);
-      hx[c] = static_cast<float>(h[c]);
-      bx[c] = static_cast<float>(b[c]);
-    }
-    std::vector<std::byte> one(36), two(36);
-    q4.encode_key(h.data(), 64, one.data());
-    q4.encode_key(hx.data(), 64, two.data());
-    CHECK(one == two);
-    q4.encode_value(b.data(), 64, one.data());
-    q4.encode_value(bx.data(), 64, two.data());
-    CHECK(one == two);
+    kvc::test::check_host_types_encode_as_widened(kvc::quant::Q4_0{}, 64, 10);
   }
 }
 

@@ -6,6 +6,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "../support/simd_archs.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -15,20 +17,7 @@
 
 namespace {
 
-using tested_archs = std::tuple<xsimd::default_arch
-#if defined(__AVX512BW__) && defined(__FMA__)
-                                ,
-                                xsimd::fma3<xsimd::avx2>, xsimd::sse2
-#elif defined(__AVX2__)
-                                ,
-                                xsimd::sse2
-#endif
-                                >;
-
-template <class Check>
-void for_each_arch(Check&& check) {
-  std::apply([&](auto... arch) { (check(arch), ...); }, tested_archs{});
-}
+using kvc::test::for_each_arch;
 
 template <class H>
 std::vector<H> every_bit_pattern() {

@@ -6,6 +6,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "../support/simd_archs.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -89,22 +91,7 @@ std::uint32_t bits_of(float x) {
   return bits;
 }
 
-// The archs this translation unit can run: the default one and the narrower x86 ones the
-// target also supports, so one -march=native build checks the AVX-512, AVX2 and SSE2 paths.
-using tested_archs = std::tuple<xsimd::default_arch
-#if defined(__AVX512BW__) && defined(__FMA__)
-                                ,
-                                xsimd::fma3<xsimd::avx2>, xsimd::sse2
-#elif defined(__AVX2__)
-                                ,
-                                xsimd::sse2
-#endif
-                                >;
-
-template <class Check>
-void for_each_arch(Check&& check) {
-  std::apply([&](auto... arch) { (check(arch), ...); }, tested_archs{});
-}
+using kvc::test::for_each_arch;
 
 template <class T>
 void check_dot() {

@@ -16,9 +16,12 @@
 
 namespace kvc::test {
 
+// Encodes random rows, decodes them, and checks score_tile / accumulate_tile on the codes
+// against float64 on the decoded rows. `offset` shifts the codes off alignment: byte
+// formats must not care (default 1); formats storing typed values (Dense) pass 0.
 template <class Q>
 void check_tile_kernels(const Q& quantizer, std::size_t d, std::size_t tokens, std::size_t rows,
-                        unsigned seed) {
+                        unsigned seed, std::size_t offset = 1) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal;
   std::vector<float> keys(tokens * d), values(tokens * d), queries(rows * d), p(rows * tokens);
@@ -28,18 +31,18 @@ void check_tile_kernels(const Q& quantizer, std::size_t d, std::size_t tokens, s
   for (float& x : p) x = std::abs(normal(rng));
   const std::size_t kb = quantizer.key_bytes(d);
   const std::size_t vb = quantizer.value_bytes(d);
-  std::vector<std::byte> key_codes(1 + tokens * kb), value_codes(1 + tokens * vb);
+  std::vector<std::byte> key_codes(offset + tokens * kb), value_codes(offset + tokens * vb);
   std::vector<float> decoded_keys(tokens * d), decoded_values(tokens * d);
   for (std::size_t t = 0; t < tokens; ++t) {
-    quantizer.encode_key(keys.data() + t * d, d, key_codes.data() + 1 + t * kb);
-    quantizer.encode_value(values.data() + t * d, d, value_codes.data() + 1 + t * vb);
-    quantizer.decode_key(key_codes.data() + 1 + t * kb, d, decoded_keys.data() + t * d);
-    quantizer.decode_value(value_codes.data() + 1 + t * vb, d, decoded_values.data() + t * d);
+    quantizer.encode_key(keys.data() + t * d, d, key_codes.data() + offset + t * kb);
+    quantizer.encode_value(values.data() + t * d, d, value_codes.data() + offset + t * vb);
+    quantizer.decode_key(key_codes.data() + offset + t * kb, d, decoded_keys.data() + t * d);
+    quantizer.decode_value(value_codes.data() + offset + t * vb, d, decoded_values.data() + t * d);
   }
   std::vector<float> scores(rows * (tokens + 3)), scratch(tokens * d), acc(rows * d, 0.5F);
-  quantizer.score_tile(kvc::ScoreTile{queries.data(), rows, key_codes.data() + 1, tokens, d,
+  quantizer.score_tile(kvc::ScoreTile{queries.data(), rows, key_codes.data() + offset, tokens, d,
                                       scores.data(), tokens + 3, scratch.data()});
-  quantizer.accumulate_tile(kvc::AccumulateTile{p.data(), rows, tokens, value_codes.data() + 1,
+  quantizer.accumulate_tile(kvc::AccumulateTile{p.data(), rows, tokens, value_codes.data() + offset,
                                                 tokens, d, acc.data(), scratch.data()});
   // The kernels widen the same codes to the same fp32 values, so the only difference from
   // float64 is fp32 summation: ≤ d · 2^-24 relative to Σ|terms| (1e-5 leaves margin).
@@ -94,6 +97,30 @@ void check_end_to_end(Scorer scorer, kvc::Budget budget, std::size_t expected_to
   CHECK(stats.tokens_stored == 2 * expected_tokens);
   CHECK(stats.code_bytes ==
         2 * expected_tokens * (quantizer.key_bytes(64) + quantizer.value_bytes(64)));
+}
+
+// f16 and bf16 host rows must encode exactly as their widened fp32 values.
+template <class Q>
+void check_host_types_encode_as_widened(const Q& quantizer, std::size_t d, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> half_widened(d), bf16_widened(d);
+  std::vector<Eigen::half> halves(d);
+  std::vector<Eigen::bfloat16> bf16s(d);
+  for (std::size_t c = 0; c < d; ++c) {
+    const float x = normal(rng);
+    halves[c] = Eigen::half(x);
+    bf16s[c] = Eigen::bfloat16(x);
+    half_widened[c] = static_cast<float>(halves[c]);
+    bf16_widened[c] = static_cast<float>(bf16s[c]);
+  }
+  std::vector<std::byte> from_host(quantizer.key_bytes(d)), from_float(quantizer.key_bytes(d));
+  quantizer.encode_key(halves.data(), d, from_host.data());
+  quantizer.encode_key(half_widened.data(), d, from_float.data());
+  CHECK(from_host == from_float);
+  quantizer.encode_value(bf16s.data(), d, from_host.data());
+  quantizer.encode_value(bf16_widened.data(), d, from_float.data());
+  CHECK(from_host == from_float);
 }
 
 }  // namespace kvc::test

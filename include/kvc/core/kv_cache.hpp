@@ -716,6 +716,7 @@ class KvCache {
       std::size_t end = begin;
       std::size_t width = 0;  // tokens in this run
       run_offsets_.clear();
+      run_counts_.clear();
       while (end < pages_to_read_.size() && width + page_tokens <= run_tokens) {
         const std::size_t page_first = pages_to_read_[end] * page_tokens;
         const std::size_t tokens = std::min(page_tokens, reach - page_first);
@@ -730,6 +731,7 @@ class KvCache {
                                         pool_.data(head.pages[pages_to_read_[end]]), tokens, d,
                                         scores_.data() + width, run_tokens, tile_scratch_.data()});
         run_offsets_.push_back(width);
+        run_counts_.push_back(tokens);
         width += tokens;
         ++end;
       }
@@ -740,7 +742,7 @@ class KvCache {
         for (std::size_t i = begin; i < end; ++i) {
           const std::size_t page_first = pages_to_read_[i] * page_tokens;
           const std::size_t offset = run_offsets_[i - begin];
-          const std::size_t tokens = (i + 1 < end ? run_offsets_[i + 1 - begin] : width) - offset;
+          const std::size_t tokens = run_counts_[i - begin];
           const std::size_t live = seen > page_first ? std::min(tokens, seen - page_first) : 0;
           std::fill(row + offset + live, row + offset + tokens, minus_infinity);
           if constexpr (ConsumesAttention<Scorer>) {
@@ -763,7 +765,7 @@ class KvCache {
       }
       for (std::size_t i = begin; i < end; ++i) {
         const std::size_t offset = run_offsets_[i - begin];
-        const std::size_t tokens = (i + 1 < end ? run_offsets_[i + 1 - begin] : width) - offset;
+        const std::size_t tokens = run_counts_[i - begin];
         quantizer_.accumulate_tile(
             AccumulateTile{scores_.data() + offset, rows, run_tokens,
                            pool_.data(head.pages[pages_to_read_[i]]) + value_offset_, tokens, d,
@@ -951,7 +953,7 @@ class KvCache {
   // Scratch reused across calls so the hot path does not allocate once warmed up.
   std::vector<float> queries_, scores_, accumulator_, running_max_, running_sum_, tile_scratch_;
   std::vector<float> weights_, head_weights_, key_scratch_, token_scores_;
-  std::vector<std::size_t> visible_, head_budgets_, stored_, run_offsets_;
+  std::vector<std::size_t> visible_, head_budgets_, stored_, run_offsets_, run_counts_;
   std::vector<std::uint32_t> pages_to_read_, kept_;
   std::vector<Position> positions_;
 };
