@@ -1,8 +1,9 @@
 // bench/attend.cpp — what one layer of kvc costs at decode: append and attend, against a
 // plain Eigen fp32 implementation and against this machine's DRAM read bandwidth.
 //
-// Shapes: context 1K / 8K / 32K tokens, head_dim 128, 8 kv heads, GQA group 1 and 4
-// (8 and 32 query heads), one layer, one sequence, single thread.
+// Shapes: context 1K / 8K / 32K tokens (attend also 16K), head_dim 128, 8 kv heads, GQA
+// group 1 and 4 (8 and 32 query heads), one layer, one sequence, single thread. Formats:
+// Dense<float>, Dense<half>, Int8<>, Q8_0, Fp8E4M3, Fp8E5M2.
 //
 //   BM_append_prefill<Q>/context/check_finite
 //                                      append `context` tokens in chunks of 512 into an
@@ -19,8 +20,9 @@
 //
 // Counters (see docs/benchmarks.md):
 //   tokens            context length (attend) or tokens appended per call (append)
-//   bytes             K/V bytes read (attend) or stored (append) per call, in the format's
-//                     element type: tokens · kv_heads · 2 · head_dim · sizeof(element)
+//   bytes             K/V bytes read (attend) or stored (append) per call, as the format
+//                     stores them: tokens · kv_heads · (key_bytes + value_bytes)(head_dim)
+//                     (2 · head_dim · sizeof(element) for Dense; scales included)
 //   bytes_per_second  bytes / time (SetBytesProcessed)
 //   ns_per_token      seconds per token (rate counter, inverted); bench/report prints ns
 //
@@ -119,9 +121,10 @@ void fill(Cache<Quant>& cache, kvc::SequenceId sequence, const Context& context)
   }
 }
 
+// K + V bytes of one token and kv head as the format stores them.
 template <class Quant>
-constexpr std::size_t stored_element_bytes() {
-  return sizeof(typename Quant::storage_type);
+constexpr std::size_t stored_token_bytes() {
+  return Quant{}.key_bytes(head_dim) + Quant{}.value_bytes(head_dim);
 }
 
 void set_counters(benchmark::State& state, std::size_t tokens, std::size_t bytes) {
@@ -161,7 +164,7 @@ void BM_append_prefill(benchmark::State& state) {
     fill(cache, sequence, context);
     benchmark::ClobberMemory();
   }
-  set_counters(state, tokens, tokens * kv_heads * 2 * head_dim * stored_element_bytes<Quant>());
+  set_counters(state, tokens, tokens * kv_heads * stored_token_bytes<Quant>());
   state.SetLabel(append_label<Quant>(state));
 }
 
@@ -189,7 +192,7 @@ void BM_append_decode(benchmark::State& state) {
     cache.append(sequence, 0, k, v);
     benchmark::ClobberMemory();
   }
-  set_counters(state, 1, kv_heads * 2 * head_dim * stored_element_bytes<Quant>());
+  set_counters(state, 1, kv_heads * stored_token_bytes<Quant>());
   state.SetLabel(append_label<Quant>(state));
 }
 
@@ -215,7 +218,7 @@ void BM_attend_kvc(benchmark::State& state) {
     benchmark::DoNotOptimize(output.data());
     benchmark::ClobberMemory();
   }
-  set_counters(state, tokens, tokens * kv_heads * 2 * head_dim * stored_element_bytes<Quant>());
+  set_counters(state, tokens, tokens * kv_heads * stored_token_bytes<Quant>());
   state.SetLabel(std::string(Quant::name()));
 }
 
@@ -283,7 +286,7 @@ void append_shapes(benchmark::internal::Benchmark* bench) {
 }
 
 void contexts_and_groups(benchmark::internal::Benchmark* bench) {
-  for (std::int64_t tokens : {1024, 8192, 32768}) {
+  for (std::int64_t tokens : {1024, 8192, 16384, 32768}) {
     for (std::int64_t group : {1, 4}) bench->Args({tokens, group});
   }
 }
@@ -306,6 +309,32 @@ BENCHMARK(BM_append_decode<kvc::quant::Dense<Eigen::half>>)
     ->Apply(append_shapes)
     ->Iterations(decode_appends)
     ->Unit(benchmark::kNanosecond);
+BENCHMARK(BM_append_prefill<kvc::quant::Int8<>>)
+    ->Apply(append_shapes)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_append_decode<kvc::quant::Int8<>>)
+    ->Apply(append_shapes)
+    ->Iterations(decode_appends)
+    ->Unit(benchmark::kNanosecond);
+BENCHMARK(BM_append_prefill<kvc::quant::Q8_0>)->Apply(append_shapes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_append_decode<kvc::quant::Q8_0>)
+    ->Apply(append_shapes)
+    ->Iterations(decode_appends)
+    ->Unit(benchmark::kNanosecond);
+BENCHMARK(BM_append_prefill<kvc::quant::Fp8E4M3>)
+    ->Apply(append_shapes)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_append_decode<kvc::quant::Fp8E4M3>)
+    ->Apply(append_shapes)
+    ->Iterations(decode_appends)
+    ->Unit(benchmark::kNanosecond);
+BENCHMARK(BM_append_prefill<kvc::quant::Fp8E5M2>)
+    ->Apply(append_shapes)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_append_decode<kvc::quant::Fp8E5M2>)
+    ->Apply(append_shapes)
+    ->Iterations(decode_appends)
+    ->Unit(benchmark::kNanosecond);
 
 BENCHMARK(BM_attend_eigen_f32)
     ->Apply(contexts_and_groups)
@@ -316,6 +345,22 @@ BENCHMARK(BM_attend_kvc<kvc::quant::Dense<float>>)
     ->ArgNames({"context", "group"})
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_attend_kvc<kvc::quant::Dense<Eigen::half>>)
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::Int8<>>)
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::Q8_0>)
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::Fp8E4M3>)
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::Fp8E5M2>)
     ->Apply(contexts_and_groups)
     ->ArgNames({"context", "group"})
     ->Unit(benchmark::kMicrosecond);
