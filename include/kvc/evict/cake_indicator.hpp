@@ -1,0 +1,162 @@
+// kvc/evict/cake_indicator.hpp — evict::CakeIndicator: CAKE's eviction indicator, the
+// mean plus γ × the variance of window attention.
+//
+// Paper:      Qin et al., "CAKE: Cascading and Adaptive KV Cache Eviction with Layer
+//             Preferences", ICLR 2025 (arXiv 2503.12491); reference: antgroup/cakekv,
+//             cake/cake_cache.py.
+// Keeps:      the w newest tokens (the observation window, +inf) and the B − w prefix
+//             tokens with the highest score
+//               s_i = mean_{a ∈ group} pool_t( mean_j A_a(j, t) + γ·var_j A_a(j, t) )[i]
+//             over the last w window queries j, where A_a(j, ·) is the softmax of query
+//             head a's window query j over all stored keys (causal only inside the window)
+//             and var is the unbiased variance over the window rows: tokens that are
+//             attended much, or unsteadily (their attention shifts between queries), stay.
+//             The budget B includes the window.
+// Needs:      the window queries, as SnapKV: observe(seq, layer, q_window) with the last w
+//             appended queries (post-RoPE); the cache hands their softmax here.
+// Cost:       O(g·w·n) per kv head and observe (mean and variance over the window rows),
+//             O(k·n) pooling; O(n) per compression. One float per observed token of state.
+// When:       prefill: append the prompt, observe, then attend or compress(seq); any later
+//             observe re-scores every stored token.
+// Defaults:   window 32, kernel 5, γ = 200 (cakekv pred_cake.py: window 32, gamma 200;
+//             the average pooling kernel 5 is hard-coded there).
+// Choices:
+//   * This is CAKE's token score only. CAKE's layer budgets (P_l = H_l^(1/τ1)·V_l^(1/τ2)
+//     from the entropy and variance of each layer's window attention, re-split as each
+//     layer is prefilled) are a budget planner, not part of this scorer.
+//   * Order of the reductions (cakekv): per query head, the indicator over the window
+//     rows, average pooling over the prefix tokens (zero padding, divisor = kernel), then
+//     the mean over the GQA group (pooling and the mean commute). Official CAKE keeps
+//     its cache at query-head granularity; kvc stores per kv head and averages the group
+//     as kvpress's port does (KVCache-Factory's port takes the max over the group).
+//   * With a single window row the unbiased variance is undefined (torch gives NaN); kvc
+//     uses 0, i.e. the score is the row's attention alone.
+//   * As SnapKV: the window is the last w' = min(window, queries observed) stored slots at
+//     observe time; tokens appended after the last observe score +inf until the next one;
+//     a head never observed keeps its newest tokens. CAKE's decode phase (every step, the
+//     current query's pooled attention) is SnapKV's decode behaviour here: observe the
+//     last queries and compress to re-score.
+#pragma once
+
+#include <kvc/core/error.hpp>
+#include <kvc/core/events.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string_view>
+#include <vector>
+
+namespace kvc::evict {
+
+class CakeIndicator {
+ public:
+  struct Options {
+    std::size_t window = 32;  // observation window w (included in the budget)
+    std::size_t kernel = 5;   // average pooling kernel, odd
+    double gamma = 200.0;     // weight of the variance
+  };
+  struct HeadState {
+    // Score per slot as of the last observe, storage order. Slots past its end were
+    // appended since and are unobserved (+inf).
+    std::vector<float> observed;
+  };
+  static constexpr bool evicts = true;
+  static constexpr std::string_view name() noexcept { return "cake_indicator"; }
+
+  CakeIndicator() = default;
+  explicit CakeIndicator(Options options) : options_(checked(options)) {}
+  const Options& options() const noexcept { return options_; }
+
+  void on_append(HeadState&, const AppendEvent&) const noexcept {}
+
+  void on_observe(HeadState& state, const ObserveEvent& event) const {
+    constexpr float keep = std::numeric_limits<float>::infinity();
+    const std::size_t n = event.tokens;
+    state.observed.assign(n, keep);
+    if (event.window == 0 || event.query_rows == 0) return;
+    const std::size_t window = std::min(options_.window, event.window);
+    const std::size_t prefix = n > window ? n - window : 0;
+    if (prefix == 0) return;
+    const std::size_t group = event.query_rows / event.window;
+
+    std::vector<double> sum(prefix), square(prefix), indicator(prefix), group_sum(prefix, 0.0);
+    const auto rows = static_cast<double>(window);
+    for (std::size_t a = 0; a < group; ++a) {
+      // Mean and unbiased variance over the last `window` rows of query head a.
+      std::fill(sum.begin(), sum.end(), 0.0);
+      std::fill(square.begin(), square.end(), 0.0);
+      for (std::size_t j = event.window - window; j < event.window; ++j) {
+        const float* row = event.weights.data() + (a * event.window + j) * n;
+        for (std::size_t t = 0; t < prefix; ++t) {
+          const double x = row[t];
+          sum[t] += x;
+          square[t] += x * x;
+        }
+      }
+      for (std::size_t t = 0; t < prefix; ++t) {
+        const double mean = sum[t] / rows;
+        const double variance =
+            window > 1 ? std::max(0.0, (square[t] - rows * mean * mean) / (rows - 1.0)) : 0.0;
+        indicator[t] = mean + options_.gamma * variance;
+      }
+      pool_into(indicator, group_sum);
+    }
+    for (std::size_t t = 0; t < prefix; ++t) {
+      state.observed[t] = static_cast<float>(group_sum[t] / static_cast<double>(group));
+    }
+  }
+
+  void score(const HeadState& state, const ScoreContext&, std::span<float> scores) const noexcept {
+    const std::size_t observed = std::min(state.observed.size(), scores.size());
+    std::copy_n(state.observed.begin(), observed, scores.begin());
+    std::fill(scores.begin() + static_cast<std::ptrdiff_t>(observed), scores.end(),
+              std::numeric_limits<float>::infinity());
+  }
+
+  // Kept slots ascend and the unobserved slots are the tail of storage, so the kept
+  // observed slots stay a prefix of the new storage.
+  void on_compact(HeadState& state, std::span<const std::uint32_t> kept) const noexcept {
+    std::size_t k = 0;
+    for (; k < kept.size() && kept[k] < state.observed.size(); ++k) {
+      state.observed[k] = state.observed[kept[k]];
+    }
+    state.observed.resize(k);
+  }
+
+  std::size_t state_bytes(const HeadState& state) const noexcept {
+    return state.observed.capacity() * sizeof(float);
+  }
+
+ private:
+  static Options checked(Options options) {
+    if (options.window == 0) detail::fail<UnsupportedError>("CakeIndicator: window is 0");
+    if (options.kernel % 2 == 0) {
+      detail::fail<UnsupportedError>(
+          "CakeIndicator: kernel {} is even, pooling needs an odd kernel", options.kernel);
+    }
+    if (!(options.gamma >= 0.0)) {
+      detail::fail<UnsupportedError>("CakeIndicator: gamma {} is negative", options.gamma);
+    }
+    return options;
+  }
+
+  // out[t] += avg_pool(x)[t]: same length, stride 1, zero padding kernel / 2, divisor kernel.
+  void pool_into(const std::vector<double>& x, std::vector<double>& out) const {
+    const std::size_t n = x.size();
+    const std::size_t half = options_.kernel / 2;
+    for (std::size_t t = 0; t < n; ++t) {
+      const std::size_t begin = t >= half ? t - half : 0;
+      const std::size_t end = std::min(n, t + half + 1);
+      double sum = 0.0;
+      for (std::size_t j = begin; j < end; ++j) sum += x[j];
+      out[t] += sum / static_cast<double>(options_.kernel);
+    }
+  }
+
+  Options options_{};
+};
+
+}  // namespace kvc::evict
