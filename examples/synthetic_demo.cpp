@@ -1,4 +1,4 @@
-// kvc-demo — kvc::KvCache embedded in a decode loop the way an inference engine embeds it.
+// synthetic-demo — kvc::KvCache embedded in a decode loop the way an inference engine embeds it.
 //
 // A tiny attention-only transformer with random weights (4 layers, 8 query heads sharing
 // 2 kv heads, head_dim 64, hidden 256, RoPE) prefills a 1024-token random prompt in chunks
