@@ -4,6 +4,7 @@
 //   kvc::KvCache<kvc::evict::H2O> cache({.layers = 32, .q_heads = 32, .kv_heads = 8,
 //                                        .head_dim = 128},
 //                                       {.budget = kvc::Budget::tokens(2048)});
+//   auto any = kvc::make_cache("h2o:budget=2048+int8", geometry);  // by name: runtime/recipe.hpp
 #pragma once
 
 #include <kvc/backend/cpu.hpp>
@@ -18,17 +19,25 @@
 #include <kvc/core/page_pool.hpp>
 #include <kvc/core/stats.hpp>
 #include <kvc/core/view.hpp>
+#include <kvc/evict/cake_indicator.hpp>
+#include <kvc/evict/expected_attention.hpp>
+#include <kvc/evict/external.hpp>
 #include <kvc/evict/full.hpp>
 #include <kvc/evict/h2o.hpp>
 #include <kvc/evict/key_diff.hpp>
+#include <kvc/evict/keyformer.hpp>
 #include <kvc/evict/knorm.hpp>
+#include <kvc/evict/lazy_eviction.hpp>
 #include <kvc/evict/snapkv.hpp>
 #include <kvc/evict/streaming_llm.hpp>
 #include <kvc/evict/tova.hpp>
 #include <kvc/offload/none.hpp>
 #include <kvc/quant/dense.hpp>
+#include <kvc/quant/fp8.hpp>
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/q4_0.hpp>
 #include <kvc/quant/q8_0.hpp>
 #include <kvc/retrieval/exhaustive.hpp>
+#include <kvc/runtime/any_cache.hpp>
+#include <kvc/runtime/recipe.hpp>
 #include <kvc/version.hpp>
