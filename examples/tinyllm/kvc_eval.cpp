@@ -2,9 +2,12 @@
 // cache, attention-output error, passkey accuracy by depth and length, a shared-context
 // multi-query score, bytes per token, compression ratio and decode ms/token.
 //
-//   kvc-eval [--model DIR] [--recipe R]... [--budgets 0.5,0.25,0.125] [--quick]
-//            [--out DIR] [--check]
+//   kvc-eval [--model DIR] [--text FILE] [--recipe R]... [--budgets 0.5,0.25,0.125]
+//            [--quick] [--out DIR] [--check]
 //
+// --text: the perplexity text and passkey filler (default MODEL/heldout.txt); a `.ids` file
+// holds token ids (tokenize_ids.py) for a model with its own tokenizer — the passkey and
+// lookup prompts are spelled in bytes, so only the byte-level model reads them as text.
 // Without --recipe it evaluates `full`, every evicting scorer of kvc::recipe_catalog() at
 // every budget (as `<scorer>:budget=<b>`), the PyramidKV planner, every quantizer alone and
 // SnapKV composed with each quantizer. Writes DIR/eval.json and DIR/eval.md; `bench/report
@@ -38,6 +41,7 @@ using tinyllm::eval::Report;
 
 struct Arguments {
   fs::path model = TINYLLM_DEFAULT_MODEL;
+  fs::path text;  // default: MODEL/heldout.txt
   std::vector<std::string> recipes;
   std::vector<double> budgets{0.5, 0.25, 0.125};
   bool quick = false, check = false;
@@ -62,6 +66,8 @@ Arguments parse(int argc, char** argv) {
     };
     if (arg == "--model") {
       args.model = value();
+    } else if (arg == "--text") {
+      args.text = value();
     } else if (arg == "--recipe") {
       args.recipes.push_back(value());
     } else if (arg == "--budgets") {
@@ -97,7 +103,7 @@ std::string budget_text(double budget) {
 }
 
 // Every recipe the catalog knows, at every budget.
-std::vector<std::string> default_recipes(const std::vector<double>& budgets, bool quick) {
+std::vector<std::string> default_recipes(const std::vector<double>& budgets) {
   std::vector<std::string> recipes{"full"};
   const auto catalog = kvc::recipe_catalog();
   std::vector<std::string> scorers, quantizers;
@@ -114,11 +120,9 @@ std::vector<std::string> default_recipes(const std::vector<double>& budgets, boo
     for (double b : budgets) recipes.push_back(scorer + ":budget=" + budget_text(b));
   }
   const std::string mid = budget_text(budgets[budgets.size() / 2]);
-  if (!quick) recipes.push_back("h2o:budget=" + mid + ",planner=pyramid");
+  recipes.push_back("h2o:budget=" + mid + ",planner=pyramid");
   for (const auto& quant : quantizers) recipes.push_back(quant);
-  if (!quick) {
-    for (const auto& quant : quantizers) recipes.push_back("snapkv:budget=" + mid + "+" + quant);
-  }
+  for (const auto& quant : quantizers) recipes.push_back("snapkv:budget=" + mid + "+" + quant);
   return recipes;
 }
 
@@ -169,10 +173,11 @@ std::pair<std::string, double> family_and_budget(const std::string& recipe) {
 
 int run(const Arguments& args) {
   const auto model = tinyllm::Model::load(args.model);
-  const auto heldout = tinyllm::eval::read_tokens(args.model / "heldout.txt");
+  const auto heldout =
+      tinyllm::eval::read_tokens(args.text.empty() ? args.model / "heldout.txt" : args.text);
   const auto settings = args.quick ? tinyllm::eval::Settings::quick() : tinyllm::eval::Settings{};
   const auto recipes =
-      args.recipes.empty() ? default_recipes(args.budgets, args.quick) : args.recipes;
+      args.recipes.empty() ? default_recipes(args.budgets) : args.recipes;
   const kvc::Geometry geometry = model.geometry();
   using Plain = kvc::CacheModel<kvc::KvCache<>>;
   auto make_plain = [&]() -> std::unique_ptr<kvc::AnyCache> {

@@ -468,9 +468,10 @@ TEST_CASE("the catalog's names and keys do not collide", "[recipe]") {
     if (info.role == kvc::RecipeInfo::Role::scorer) scorers.insert(info.name);
     if (info.role == kvc::RecipeInfo::Role::quantizer) quantizers.insert(info.name);
   }
-  CHECK(scorers ==
-        std::set<std::string>{"full", "streaming", "h2o", "snapkv", "tova", "knorm", "keydiff"});
-  CHECK(quantizers == std::set<std::string>{"f32", "f16", "bf16", "int8", "q8_0", "q4_0"});
+  CHECK(scorers == std::set<std::string>{"full", "streaming", "h2o", "snapkv", "tova", "knorm",
+                                         "keydiff", "keyformer", "lazy", "cake"});
+  CHECK(quantizers ==
+        std::set<std::string>{"f32", "f16", "bf16", "int8", "q8_0", "q4_0", "fp8", "fp8_e5m2"});
   for (const std::string& name : scorers) CHECK(quantizers.count(name) == 0);
   for (const std::string& key : planner_keys) CHECK(scorer_keys.count(key) == 0);
 }

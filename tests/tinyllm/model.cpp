@@ -216,7 +216,10 @@ TEST_CASE("a sharded checkpoint loads like a single file", "[tinyllm][model]") {
   tiny.write_sharded(sharded.path(), 3);
   const Model a = Model::load(single.path()), b = Model::load(sharded.path());
   const auto cache = make_cache(a);
-  CHECK(run_chunks(a, *cache, kTokens, {20}) == run_chunks(b, *cache, kTokens, {20}));
+  // Same weights, same math; only the weights' addresses differ, and Eigen's kernels may
+  // peel differently for other alignments, so the sums may round differently (not bit-equal).
+  CHECK(relative_error(run_chunks(a, *cache, kTokens, {20}), run_chunks(b, *cache, kTokens, {20})) <
+        1e-6);
 }
 
 TEST_CASE("forward appends, observes the chunk's tail, then attends, per layer",
