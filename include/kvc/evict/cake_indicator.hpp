@@ -40,6 +40,7 @@
 
 #include <kvc/core/error.hpp>
 #include <kvc/core/events.hpp>
+#include <kvc/evict/window_votes.hpp>
 
 #include <algorithm>
 #include <cstddef>
@@ -51,18 +52,14 @@
 
 namespace kvc::evict {
 
-class CakeIndicator {
+class CakeIndicator : public detail::WindowVotes {
  public:
   struct Options {
     std::size_t window = 32;  // observation window w (included in the budget)
     std::size_t kernel = 5;   // average pooling kernel, odd
     double gamma = 200.0;     // weight of the variance
   };
-  struct HeadState {
-    // Score per slot as of the last observe, storage order. Slots past its end were
-    // appended since and are unobserved (+inf).
-    std::vector<float> observed;
-  };
+  using HeadState = detail::WindowVotesState;
   static constexpr bool evicts = true;
   static constexpr std::string_view name() noexcept { return "cake_indicator"; }
 
@@ -102,32 +99,11 @@ class CakeIndicator {
             window > 1 ? std::max(0.0, (square[t] - rows * mean * mean) / (rows - 1.0)) : 0.0;
         indicator[t] = mean + options_.gamma * variance;
       }
-      pool_into(indicator, group_sum);
+      detail::pool_into(indicator, group_sum, options_.kernel);
     }
     for (std::size_t t = 0; t < prefix; ++t) {
       state.observed[t] = static_cast<float>(group_sum[t] / static_cast<double>(group));
     }
-  }
-
-  void score(const HeadState& state, const ScoreContext&, std::span<float> scores) const noexcept {
-    const std::size_t observed = std::min(state.observed.size(), scores.size());
-    std::copy_n(state.observed.begin(), observed, scores.begin());
-    std::fill(scores.begin() + static_cast<std::ptrdiff_t>(observed), scores.end(),
-              std::numeric_limits<float>::infinity());
-  }
-
-  // Kept slots ascend and the unobserved slots are the tail of storage, so the kept
-  // observed slots stay a prefix of the new storage.
-  void on_compact(HeadState& state, std::span<const std::uint32_t> kept) const noexcept {
-    std::size_t k = 0;
-    for (; k < kept.size() && kept[k] < state.observed.size(); ++k) {
-      state.observed[k] = state.observed[kept[k]];
-    }
-    state.observed.resize(k);
-  }
-
-  std::size_t state_bytes(const HeadState& state) const noexcept {
-    return state.observed.capacity() * sizeof(float);
   }
 
  private:
@@ -141,19 +117,6 @@ class CakeIndicator {
       detail::fail<UnsupportedError>("CakeIndicator: gamma {} is negative", options.gamma);
     }
     return options;
-  }
-
-  // out[t] += avg_pool(x)[t]: same length, stride 1, zero padding kernel / 2, divisor kernel.
-  void pool_into(const std::vector<double>& x, std::vector<double>& out) const {
-    const std::size_t n = x.size();
-    const std::size_t half = options_.kernel / 2;
-    for (std::size_t t = 0; t < n; ++t) {
-      const std::size_t begin = t >= half ? t - half : 0;
-      const std::size_t end = std::min(n, t + half + 1);
-      double sum = 0.0;
-      for (std::size_t j = begin; j < end; ++j) sum += x[j];
-      out[t] += sum / static_cast<double>(options_.kernel);
-    }
   }
 
   Options options_{};

@@ -42,6 +42,7 @@
 
 #include <kvc/core/error.hpp>
 #include <kvc/core/events.hpp>
+#include <kvc/evict/window_votes.hpp>
 
 #include <algorithm>
 #include <cstddef>
@@ -53,7 +54,7 @@
 
 namespace kvc::evict {
 
-class SnapKV {
+class SnapKV : public detail::WindowVotes {
  public:
   enum class Pooling { avg, max };
   struct Options {
@@ -61,11 +62,7 @@ class SnapKV {
     std::size_t kernel = 5;   // pooling kernel, odd
     Pooling pooling = Pooling::avg;
   };
-  struct HeadState {
-    // Score per slot as of the last observe, storage order. Slots past its end were
-    // appended since and are unobserved (+inf).
-    std::vector<float> observed;
-  };
+  using HeadState = detail::WindowVotesState;
   static constexpr bool evicts = true;
   static constexpr std::string_view name() noexcept { return "snapkv"; }
 
@@ -94,32 +91,11 @@ class SnapKV {
         for (std::size_t t = 0; t < prefix; ++t) row_mean[t] += row[t];
       }
       for (double& x : row_mean) x /= static_cast<double>(window);
-      pool_into(row_mean, group_sum);
+      detail::pool_into(row_mean, group_sum, options_.kernel, options_.pooling == Pooling::max);
     }
     for (std::size_t t = 0; t < prefix; ++t) {
       state.observed[t] = static_cast<float>(group_sum[t] / static_cast<double>(group));
     }
-  }
-
-  void score(const HeadState& state, const ScoreContext&, std::span<float> scores) const noexcept {
-    const std::size_t observed = std::min(state.observed.size(), scores.size());
-    std::copy_n(state.observed.begin(), observed, scores.begin());
-    std::fill(scores.begin() + static_cast<std::ptrdiff_t>(observed), scores.end(),
-              std::numeric_limits<float>::infinity());
-  }
-
-  // Kept slots ascend, and the unobserved slots are the tail of storage, so the kept
-  // observed slots stay a prefix of the new storage.
-  void on_compact(HeadState& state, std::span<const std::uint32_t> kept) const noexcept {
-    std::size_t k = 0;
-    for (; k < kept.size() && kept[k] < state.observed.size(); ++k) {
-      state.observed[k] = state.observed[kept[k]];
-    }
-    state.observed.resize(k);
-  }
-
-  std::size_t state_bytes(const HeadState& state) const noexcept {
-    return state.observed.capacity() * sizeof(float);
   }
 
  private:
@@ -130,25 +106,6 @@ class SnapKV {
                                      options.kernel);
     }
     return options;
-  }
-
-  // out[t] += pool(x)[t], same length, stride 1, padding kernel / 2.
-  void pool_into(const std::vector<double>& x, std::vector<double>& out) const {
-    const std::size_t n = x.size();
-    const std::size_t half = options_.kernel / 2;
-    for (std::size_t t = 0; t < n; ++t) {
-      const std::size_t begin = t >= half ? t - half : 0;
-      const std::size_t end = std::min(n, t + half + 1);
-      if (options_.pooling == Pooling::avg) {
-        double sum = 0.0;  // zero padding: divide by the full kernel at the edges too
-        for (std::size_t j = begin; j < end; ++j) sum += x[j];
-        out[t] += sum / static_cast<double>(options_.kernel);
-      } else {
-        double best = -std::numeric_limits<double>::infinity();  // −inf padding
-        for (std::size_t j = begin; j < end; ++j) best = std::max(best, x[j]);
-        out[t] += best;
-      }
-    }
   }
 
   Options options_{};
