@@ -151,10 +151,11 @@ std::string markdown(const std::vector<Report>& reports) {
     std::string mq;
     for (double a : r.multi_query) mq += fmt::format("{}{:.0f}", mq.empty() ? "" : "/", 100 * a);
     md += fmt::format(
-        "| `{}` | {:.0f} | {:.2f}× | {:.3f} | {:+.3f} | {:.3f} | {:.0f} % | {} % | "
+        "| `{}` | {:.0f} | {:.2f}× | {:.3f} | {:+.3f} | {:.3f} | {:.0f} % | {:.0f} % | {} % | "
         "{:.2f} |\n",
         r.recipe, r.bytes_per_token(), r.compression_ratio(), r.perplexity, r.perplexity_delta,
-        r.attention_error, 100 * r.passkey_accuracy, mq, r.decode_ms_per_token);
+        r.attention_error, 100 * r.passkey_accuracy, 100 * r.passkey_second_accuracy, mq,
+        r.decode_ms_per_token);
   }
   return md;
 }
@@ -176,8 +177,7 @@ int run(const Arguments& args) {
   const auto heldout =
       tinyllm::eval::read_tokens(args.text.empty() ? args.model / "heldout.txt" : args.text);
   const auto settings = args.quick ? tinyllm::eval::Settings::quick() : tinyllm::eval::Settings{};
-  const auto recipes =
-      args.recipes.empty() ? default_recipes(args.budgets) : args.recipes;
+  const auto recipes = args.recipes.empty() ? default_recipes(args.budgets) : args.recipes;
   const kvc::Geometry geometry = model.geometry();
   using Plain = kvc::CacheModel<kvc::KvCache<>>;
   auto make_plain = [&]() -> std::unique_ptr<kvc::AnyCache> {
@@ -224,7 +224,21 @@ int run(const Arguments& args) {
   for (const auto& r : reports) json["recipes"].push_back(to_json(r));
   fs::create_directories(args.out);
   std::ofstream(args.out / "eval.json") << json.dump(1) << "\n";
-  const std::string md = markdown(reports);
+  const std::string md =
+      fmt::format("# kvc-eval: {}{}\n\n", args.model.filename().string(),
+                  args.quick ? " (--quick)" : "") +
+      fmt::format(
+          "{} layers, {} query / {} kv heads, head_dim {}. Baseline (plain KvCache<>) "
+          "perplexity {:.3f} on {} prompt + {} teacher-forced tokens. Passkey: lengths "
+          "{}, depths {}, {} trials each; asked 2nd: after {} bytes of other prose. "
+          "Lookups: {} queries over a {}-byte context, {} trials. Budgets are shares of "
+          "the tokens seen; bytes/token = bytes held ÷ tokens seen (all layers, kv "
+          "heads; pages + metadata).\n\n",
+          geometry.layers, geometry.q_heads, geometry.kv_heads, geometry.head_dim, baseline,
+          settings.ppl_prompt, settings.ppl_decode, fmt::join(settings.passkey_lengths, "/"),
+          fmt::join(settings.passkey_depths, "/"), settings.passkey_trials, settings.other_query,
+          settings.lookup_queries, settings.lookup_length, settings.lookup_trials) +
+      markdown(reports);
   std::ofstream(args.out / "eval.md") << md;
   std::printf("%s\nwrote %s and %s\n", md.c_str(), (args.out / "eval.json").c_str(),
               (args.out / "eval.md").c_str());

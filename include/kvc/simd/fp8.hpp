@@ -256,6 +256,7 @@ static_assert(sizeof(Fp8Code<Fp8Format::E4M3>) == 1 && sizeof(Fp8Code<Fp8Format:
 template <class Arch, Fp8Format F>
 inline xsimd::batch<float, Arch> load_as_float(const Fp8Code<F>* source) noexcept {
   using floats = xsimd::batch<float, Arch>;
+  (void)sizeof(floats);  // used only on the x86 paths below
   const auto* bytes = reinterpret_cast<const std::uint8_t*>(source);
 #if defined(__AVX512F__) && defined(__AVX2__)
   if constexpr (floats::size == 16) {
