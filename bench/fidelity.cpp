@@ -6,8 +6,9 @@
 // sharper attention in higher layers), 4 layers, 8 query heads, 2 kv heads, head_dim 64,
 // a 4096-token prompt, 16 decode steps and one final "question" step.
 //
-// For each scorer (Full, StreamingLLM, H2O, and SnapKV / TOVA / Knorm / KeyDiff when their
-// headers exist) × planner (Uniform, PyramidKV) × budget (1/2, 1/4, 1/8, 1/16 of the prompt,
+// For each scorer (Full, StreamingLLM, H2O, SnapKV, TOVA, Knorm, KeyDiff, Keyformer,
+// LazyEviction, CakeIndicator; ExpectedAttention and External need host calls this loop
+// does not make) × planner (Uniform, PyramidKV) × budget (1/2, 1/4, 1/8, 1/16 of the prompt,
 // as Budget::tokens), one KvCache<Scorer, Dense<float>, Exhaustive, None, Planner>, with
 // auto_compress off and the host loop a prefill-then-decode engine would run, per layer:
 //   prefill  append(prompt); attend(all prompt queries, causal) when the scorer consumes
@@ -426,6 +427,9 @@ int run(int argc, char** argv) {
   add_scorer<kvc::evict::TOVA>(jobs, data, settings);
   add_scorer<kvc::evict::Knorm>(jobs, data, settings);
   add_scorer<kvc::evict::KeyDiff>(jobs, data, settings);
+  add_scorer<kvc::evict::Keyformer>(jobs, data, settings);
+  add_scorer<kvc::evict::LazyEviction>(jobs, data, settings);
+  add_scorer<kvc::evict::CakeIndicator>(jobs, data, settings);
   const std::vector<RunOutput> outputs = run_all(jobs, settings.threads);
 
   nlohmann::json runs = nlohmann::json::array();

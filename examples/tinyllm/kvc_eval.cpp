@@ -24,12 +24,15 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
@@ -160,16 +163,16 @@ std::string markdown(const std::vector<Report>& reports) {
   return md;
 }
 
-// The scorer part of a recipe with its budget removed ("h2o:budget=0.25+int8" → "h2o+int8"),
-// so the bytes-shrink check compares a recipe only with its own budgets.
+// A recipe's family (its canonical form without the budget: "h2o:budget=0.25+int8" →
+// "h2o+int8") and its budget (a ratio or tokens; unlimited = the largest), so the
+// bytes-shrink check compares a recipe only with its own budgets.
 std::pair<std::string, double> family_and_budget(const std::string& recipe) {
-  const auto at = recipe.find("budget=");
-  if (at == std::string::npos) return {recipe, 1.0};
-  auto end = recipe.find_first_of(",+", at);
-  if (end == std::string::npos) end = recipe.size();
-  const double budget = std::stod(recipe.substr(at + 7, end - at - 7));
-  std::string family = recipe.substr(0, at) + recipe.substr(end);
-  return {family, budget};
+  kvc::RecipeSpec spec = kvc::parse_recipe(recipe);
+  const std::optional<kvc::Budget> budget = std::exchange(spec.budget, std::nullopt);
+  if (!budget || budget->is_unlimited()) return {spec.to_string(), HUGE_VAL};
+  return {spec.to_string(), budget->kind() == kvc::Budget::Kind::ratio
+                                ? budget->fraction()
+                                : static_cast<double>(budget->token_count())};
 }
 
 int run(const Arguments& args) {

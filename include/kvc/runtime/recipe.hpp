@@ -25,7 +25,7 @@
 //
 // Adding a policy is ONE entry in the table of its role at the end of this file
 // (recipe_scorers, recipe_planners, recipe_quantizers):
-//   RecipeEntry<quant::Fp8E4M3>{"fp8", "K and V as FP8 E4M3 ..."},
+//   RecipeEntry<quant::Q4_0>{"q4_0", "ggml q4_0 blocks: 1.125·d bytes (d % 32 == 0)"},
 // A policy whose constructor takes options also specializes RecipeOptions<Policy> (its
 // parameters and how they build it), as the shipped scorers do below; one whose variants
 // are distinct types lists each under the same name with a fixed setting ("int8" with

@@ -26,6 +26,7 @@
 #pragma once
 
 #include <tinyllm/model.hpp>
+#include <tinyllm/sample.hpp>
 
 #include <kvc/runtime/any_cache.hpp>
 
@@ -112,17 +113,13 @@ class Session {
     Tokens out;
     std::vector<float> logits(last_logits.begin(), last_logits.end());
     for (std::size_t i = 0; i < count; ++i) {
-      out.push_back(argmax(logits));
+      out.push_back(tinyllm::argmax(logits));
       if (i + 1 < count) {
         const auto next = feed(out.back());
         logits.assign(next.begin(), next.end());
       }
     }
     return out;
-  }
-
-  static int argmax(std::span<const float> logits) {
-    return static_cast<int>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   }
 
  private:
@@ -291,12 +288,18 @@ struct PasskeyPrompt {
   std::size_t question_at = 0;  // where the question starts in prompt
 };
 
+inline std::string random_digits(std::size_t count, std::mt19937& rng) {
+  std::uniform_int_distribution<int> digit(0, 9);
+  std::string text(count, '0');
+  for (char& c : text) c = static_cast<char>('0' + digit(rng));
+  return text;
+}
+
 // The training format of examples/tinyllm/train.py (passkey_sample): `length` tokens in all,
 // prompt + 5 key digits + '.'.
 inline PasskeyPrompt passkey_prompt(std::span<const int> filler_text, std::size_t length,
                                     double depth, std::mt19937& rng) {
-  std::string key(5, '0');
-  for (char& c : key) c = static_cast<char>('0' + std::uniform_int_distribution<int>(0, 9)(rng));
+  const std::string key = random_digits(5, rng);
   const std::string head = "There is a pass key hidden in this text. Remember it.\n";
   const std::string needle =
       " The pass key is " + key + ". Remember it. " + key + " is the pass key. ";
@@ -353,11 +356,7 @@ struct LookupContext {
 };
 
 inline LookupContext lookup_context(std::size_t length, std::size_t queries, std::mt19937& rng) {
-  auto digits = [&] {
-    std::string s(5, '0');
-    for (char& c : s) c = static_cast<char>('0' + std::uniform_int_distribution<int>(0, 9)(rng));
-    return s;
-  };
+  auto digits = [&] { return random_digits(5, rng); };
   std::vector<std::pair<std::string, std::string>> pairs;
   std::string text = "A list of keys and their values.\n";
   const std::size_t reserve = queries * 26 + 25;
