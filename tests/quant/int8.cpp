@@ -187,6 +187,12 @@ TEST_CASE("Int8 tile kernels on codes match float64 on the decoded values", "[in
   check_tile_kernels(kvc::quant::Int8<>{}, 71, 9, 3, 3);
   check_tile_kernels(kvc::quant::Int8<32>{}, 128, 16, 8, 4);
   check_tile_kernels(kvc::quant::Int8<32>{}, 64, 1, 1, 5);
+  // Past one sub-tile of the integer path (64 tokens); an odd chunk count; groups of 64;
+  // groups of 16 (the fp32 path); 320 channels (past the integer path's head_dim limit).
+  check_tile_kernels(kvc::quant::Int8<>{}, 96, 100, 6, 6);
+  check_tile_kernels(kvc::quant::Int8<64>{}, 128, 70, 3, 7);
+  check_tile_kernels(kvc::quant::Int8<16>{}, 64, 10, 2, 8);
+  check_tile_kernels(kvc::quant::Int8<>{}, 320, 5, 2, 9);
 }
 
 TEST_CASE("Int8 in a KvCache: attend on codes matches float64 on the stored K/V", "[int8]") {

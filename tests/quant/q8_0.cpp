@@ -168,6 +168,9 @@ TEST_CASE("Q8_0 tile kernels on codes match float64 on the decoded values", "[q8
   check_tile_kernels(kvc::quant::Q8_0{}, 128, 16, 4, 1);
   check_tile_kernels(kvc::quant::Q8_0{}, 128, 13, 5, 2);
   check_tile_kernels(kvc::quant::Q8_0{}, 96, 3, 1, 3);
+  // Past one sub-tile of the integer path (64 tokens), 320 channels past its head_dim limit.
+  check_tile_kernels(kvc::quant::Q8_0{}, 160, 100, 6, 4);
+  check_tile_kernels(kvc::quant::Q8_0{}, 320, 7, 2, 5);
 }
 
 TEST_CASE("Q8_0 in a KvCache: attend on codes matches float64 on the stored K/V", "[q8_0]") {

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <kvc/core/kv_cache.hpp>
+#include <kvc/quant/int8_fused.hpp>
+#include <kvc/simd/int8_dot.hpp>
 
 #include <catch2/catch.hpp>
 
@@ -11,10 +13,116 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <random>
 #include <vector>
 
 namespace kvc::test {
+
+// Whether Q's attend takes the integer path (kvc/simd/int8_dot.hpp) at this head_dim, for
+// scores and for values; formats without one never do.
+template <class Q>
+bool integer_scores_of(std::size_t d) {
+  if constexpr (requires { Q::integer_scores(d); }) {
+    return Q::integer_scores(d);
+  } else {
+    return false;
+  }
+}
+template <class Q>
+bool integer_values_of(std::size_t d) {
+  if constexpr (requires { Q::integer_values(d); }) {
+    return Q::integer_values(d);
+  } else {
+    return false;
+  }
+}
+
+// Channel c's int8 code in a row of Q's integer layout.
+template <class Layout>
+int code_at(const Layout& layout, const std::byte* row, std::size_t c) {
+  return static_cast<std::int8_t>(
+      row[layout.code_offset + c / kvc::simd::int8_chunk * layout.chunk_stride +
+          c % kvc::simd::int8_chunk]);
+}
+
+// The integer path's tiles against a float64 re-implementation of exactly what it rounds
+// (each query row to int8; per sub-tile of quant::detail::fused_tokens tokens, row and
+// scale, the weights p · scale to u8), to fp32 rounding; and against the exact fp32 path's
+// float64 result within the rounding bound: |Δscore| ≤ (s_q/2)·Σ_c|k̂_c| and
+// |Δacc_c| ≤ Σ_j (w_max/255)/2 · |code_j,c| per sub-tile.
+template <class Q>
+void check_integer_tiles(const std::vector<float>& queries, const std::vector<float>& p,
+                         std::size_t rows, std::size_t tokens, std::size_t d,
+                         const std::byte* key_codes, const std::byte* value_codes,
+                         const std::vector<float>& decoded_keys,
+                         const std::vector<float>& decoded_values, const std::vector<float>& scores,
+                         std::size_t lds, const std::vector<float>& acc) {
+  const auto layout = Q::layout(d);
+  if (integer_scores_of<Q>(d)) {
+    std::vector<std::int8_t> q_codes(d);
+    for (std::size_t r = 0; r < rows; ++r) {
+      float q_scale = 0.0F;
+      kvc::simd::reference::quantize_rows_s8(queries.data() + r * d, 1, d, d, q_codes.data(),
+                                             &q_scale);
+      for (std::size_t j = 0; j < tokens; ++j) {
+        const std::byte* row = key_codes + j * layout.stride;
+        double dot = 0, exact = 0, key_l1 = 0, magnitude = 0;
+        for (std::size_t c = 0; c < d; ++c) {
+          dot += double(q_codes[c]) * code_at(layout, row, c);
+          exact += double(queries[r * d + c]) * decoded_keys[j * d + c];
+          key_l1 += std::abs(double(decoded_keys[j * d + c]));
+          magnitude += std::abs(double(queries[r * d + c]) * decoded_keys[j * d + c]);
+        }
+        const double expected = dot * double(q_scale) * double(layout.scale(row, 0));
+        const double got = scores[r * lds + j];
+        REQUIRE(std::abs(got - expected) <= 1e-6 * std::abs(expected) + 1e-30);
+        REQUIRE(std::abs(got - exact) <= double(q_scale) / 2 * key_l1 + 1e-5 * magnitude + 1e-6);
+      }
+    }
+  }
+  if (integer_values_of<Q>(d)) {
+    const std::size_t width = layout.chunks_per_scale * kvc::simd::int8_chunk;
+    constexpr std::size_t sub = kvc::quant::detail::fused_tokens;
+    std::vector<float> weights(sub);
+    std::vector<std::uint8_t> codes(sub);
+    for (std::size_t r = 0; r < rows; ++r) {
+      std::vector<double> expected(d, 0.5), bound(d, 0.0), exact(d, 0.5), magnitude(d, 0.5);
+      for (std::size_t t0 = 0; t0 < tokens; t0 += sub) {
+        const std::size_t n = std::min(sub, tokens - t0);
+        for (std::size_t s = 0; s < d / width; ++s) {
+          for (std::size_t j = 0; j < n; ++j) {
+            weights[j] =
+                p[r * tokens + t0 + j] * layout.scale(value_codes + (t0 + j) * layout.stride, s);
+          }
+          const float factor =
+              kvc::simd::reference::quantize_weights_u8(weights.data(), n, codes.data());
+          for (std::size_t c = s * width; c < (s + 1) * width; ++c) {
+            double sum = 0, l1 = 0;
+            for (std::size_t j = 0; j < n; ++j) {
+              const int code = code_at(layout, value_codes + (t0 + j) * layout.stride, c);
+              sum += double(codes[j]) * code;
+              l1 += std::abs(double(code));
+            }
+            expected[c] += double(factor) * sum;
+            bound[c] += double(factor) / 2 * l1;
+          }
+        }
+      }
+      for (std::size_t j = 0; j < tokens; ++j) {
+        for (std::size_t c = 0; c < d; ++c) {
+          exact[c] += double(p[r * tokens + j]) * decoded_values[j * d + c];
+          magnitude[c] += std::abs(double(p[r * tokens + j]) * decoded_values[j * d + c]);
+        }
+      }
+      for (std::size_t c = 0; c < d; ++c) {
+        const double got = acc[r * d + c];
+        REQUIRE(std::abs(got - expected[c]) <= 1e-5 * magnitude[c] + 1e-6);
+        REQUIRE(std::abs(got - exact[c]) <= bound[c] + 1e-5 * magnitude[c] + 1e-6);
+      }
+    }
+  }
+}
 
 // Encodes random rows, decodes them, and checks score_tile / accumulate_tile on the codes
 // against float64 on the decoded rows. `offset` shifts the codes off alignment: byte
@@ -44,10 +152,16 @@ void check_tile_kernels(const Q& quantizer, std::size_t d, std::size_t tokens, s
                                       scores.data(), tokens + 3, scratch.data()});
   quantizer.accumulate_tile(kvc::AccumulateTile{p.data(), rows, tokens, value_codes.data() + offset,
                                                 tokens, d, acc.data(), scratch.data()});
-  // The kernels widen the same codes to the same fp32 values, so the only difference from
+  if constexpr (requires { Q::layout(d); }) {
+    check_integer_tiles<Q>(queries, p, rows, tokens, d, key_codes.data() + offset,
+                           value_codes.data() + offset, decoded_keys, decoded_values, scores,
+                           tokens + 3, acc);
+  }
+  // The fp32 path widens the same codes to the same fp32 values, so the only difference from
   // float64 is fp32 summation: ≤ d · 2^-24 relative to Σ|terms| (1e-5 leaves margin).
+  const bool exact_scores = !integer_scores_of<Q>(d), exact_values = !integer_values_of<Q>(d);
   for (std::size_t r = 0; r < rows; ++r) {
-    for (std::size_t j = 0; j < tokens; ++j) {
+    for (std::size_t j = 0; j < tokens && exact_scores; ++j) {
       double expected = 0, magnitude = 0;
       for (std::size_t c = 0; c < d; ++c) {
         expected += double(queries[r * d + c]) * decoded_keys[j * d + c];
@@ -55,7 +169,7 @@ void check_tile_kernels(const Q& quantizer, std::size_t d, std::size_t tokens, s
       }
       REQUIRE(std::abs(scores[r * (tokens + 3) + j] - expected) <= 1e-5 * magnitude + 1e-6);
     }
-    for (std::size_t c = 0; c < d; ++c) {
+    for (std::size_t c = 0; c < d && exact_values; ++c) {
       double expected = 0.5, magnitude = 0.5;
       for (std::size_t j = 0; j < tokens; ++j) {
         expected += double(p[r * tokens + j]) * decoded_values[j * d + c];
@@ -81,15 +195,20 @@ void check_end_to_end(Scorer scorer, kvc::Budget budget, std::size_t expected_to
   cache.append(seq, 0, random_tensor(rng, 2, 293, 64).view(),
                random_tensor(rng, 2, 293, 64).view());
   cache.attend(seq, 0, q.view(), out.mutable_view());
-  REQUIRE(kvc::test::attend_error(cache, seq, 0, q, out) < 1e-4);
+  // The exact fp32 path differs from float64 by rounding only. The integer path (simd/
+  // int8_dot.hpp) also rounds queries and weights to 8 bits, each ~0.4 % of the row's
+  // largest, which on these random rows (nearly flat attention, outputs averaging random
+  // values, so small) moves the output by ~1 % (measured 1.1 % for Int8, 0.6 % for Q8_0);
+  // check_tile_kernels checks that path exactly.
+  const double tolerance = integer_scores_of<Q>(64) || integer_values_of<Q>(64) ? 3e-2 : 1e-4;
+  REQUIRE(kvc::test::attend_error(cache, seq, 0, q, out) < tolerance);
   cache.compress(seq);
   Tensor3 step_out(8, 1, 64);
   for (std::size_t step = 0; step < 20; ++step) {
     cache.append(seq, 0, random_tensor(rng, 2, 1, 64).view(), random_tensor(rng, 2, 1, 64).view());
     const Tensor3 step_q = random_tensor(rng, 8, 1, 64);
     cache.attend(seq, 0, step_q.view(), step_out.mutable_view());
-    // Exact on the codes: only fp32 rounding separates it from the float64 reference.
-    REQUIRE(kvc::test::attend_error(cache, seq, 0, step_q, step_out) < 1e-4);
+    REQUIRE(kvc::test::attend_error(cache, seq, 0, step_q, step_out) < tolerance);
     cache.compress(seq);
   }
   const auto stats = cache.stats();

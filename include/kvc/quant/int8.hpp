@@ -18,16 +18,22 @@
 //             ±127, which only matters when the scale is a denormal (rounded): then the
 //             error is ≤ max(scale / 2, max|x| − 127 · scale).
 // Needs:      nothing. Int8<>: any head_dim ≥ 1; Int8<G>: head_dim % G == 0.
-// Cost/step:  attend widens one page tile (codes × scale → fp32, simd::dequantize_int8) into
-//             the caller's L1 scratch and runs simd::dot_block / simd::axpy_block on it: the
-//             scores and outputs are exact fp32 functions of the codes (no query rounding).
-//             Reads ~0.51× the bytes of Dense<half> per token.
+// Cost/step:  reads ~0.51× the bytes of Dense<half> per token. Where the target has AVX-512
+//             VNNI and head_dim is a multiple of 32 up to 256 (integer_scores/values), attend
+//             multiplies codes by codes (simd/int8_dot.hpp): q·k in int32 with each query row
+//             rounded to int8 (Int8<> only: the key needs one scale per token), P·V in int32
+//             with the tile's softmax weights rounded to u8 — 1.4–1.8× faster than
+//             Dense<half> at GQA 4 (bench/results/attend.md), for a score error ≤ (m_q/254)
+//             · Σ|k̂| and a weight error ≤ 1/510 of the tile's largest weight. Elsewhere it
+//             widens one page tile (codes × scale → fp32) into L1 scratch and runs
+//             simd::dot_block / axpy_block: exact fp32 functions of the codes.
 // Choices:    symmetric, so zero is exact and no zero point is stored; ties to even, as
 //             ALGORITHMS.md's "round" (nearbyint under the default rounding mode).
 #pragma once
 
 #include <kvc/core/element.hpp>
 #include <kvc/core/events.hpp>
+#include <kvc/quant/int8_fused.hpp>
 #include <kvc/quant/token_codec.hpp>
 #include <kvc/simd/int8.hpp>
 #include <kvc/simd/kernels.hpp>
@@ -82,6 +88,47 @@ struct Int8 : TokenCodec<Int8<Group>> {
     if (!(scale > 0.0F)) return 0;
     const float q = std::fmin(std::fmax(std::nearbyint(x / scale), -127.0F), 127.0F);
     return static_cast<std::int8_t>(q);
+  }
+
+  // Whether attend takes the integer path (kvc/simd/int8_dot.hpp: VNNI on the codes) for
+  // this head_dim: for scores it rounds each query row to int8 (one scale per row; needs
+  // one scale per token, Int8<>), for values the tile's softmax weights to u8 (any Group of
+  // 32·k channels). Elsewhere attend takes TokenCodec's exact fp32 path.
+  static constexpr bool integer_scores(std::size_t head_dim) noexcept {
+    return Group == 0 && detail::int8_fused_fits(head_dim);
+  }
+  static constexpr bool integer_values(std::size_t head_dim) noexcept {
+    return Group % 32 == 0 && detail::int8_fused_fits(head_dim);
+  }
+
+  void score_tile(const ScoreTile& tile) const noexcept {
+    if (integer_scores(tile.head_dim)) {
+      detail::int8_fused_scores(tile, layout(tile.head_dim));
+    } else {
+      TokenCodec<Int8>::score_tile(tile);
+    }
+  }
+
+  void accumulate_tile(const AccumulateTile& tile) const noexcept {
+    if (integer_values(tile.head_dim)) {
+      detail::int8_fused_accumulate(tile, layout(tile.head_dim));
+    } else {
+      TokenCodec<Int8>::accumulate_tile(tile);
+    }
+  }
+
+  // Where a row's int8 codes and scales are, for the integer kernels (quant/int8_fused.hpp).
+  struct Layout {
+    std::size_t stride, code_offset, chunk_stride, chunks_per_scale;
+    static float scale(const std::byte* row, std::size_t s) noexcept {
+      float scale = 0.0F;
+      std::memcpy(&scale, row + sizeof(float) * s, sizeof scale);
+      return scale;
+    }
+  };
+  static constexpr Layout layout(std::size_t head_dim) noexcept {
+    return {row_bytes(head_dim), sizeof(float) * groups(head_dim), 32,
+            std::max<std::size_t>(group_size(head_dim) / 32, 1)};
   }
 
  private:

@@ -12,9 +12,13 @@
 //             q[j] = roundf(x[j] · (1 / d)) (ties away from zero), x̂ = fp16(d) · q.
 //             |x − x̂| ≤ d / 2 + 127 · |d − fp16(d)| (≤ ~0.56 d).
 // Needs:      head_dim % 32 == 0.
-// Cost/step:  attend widens one page tile (d · q → fp32, simd::dequantize_q8_0) into the
-//             caller's L1 scratch and reuses simd::dot_block / simd::axpy_block: scores and
-//             outputs are exact fp32 functions of the stored codes.
+// Cost/step:  scores: attend widens one page tile (d · q → fp32, simd::dequantize_q8_0) into
+//             the caller's L1 scratch and reuses simd::dot_block — exact fp32 functions of
+//             the codes (a per-block scale leaves an integer dot little to gain). Values:
+//             where the target has AVX-512 VNNI and head_dim ≤ 256 (integer_values), P·V runs
+//             on the codes (simd/int8_dot.hpp) with each block's weights (softmax weight ×
+//             block scale) rounded to u8 per tile, error ≤ 1/510 of the tile's largest;
+//             elsewhere simd::axpy_block on widened codes, exact.
 // Paper:      none; the format of ggml (Gerganov et al., github.com/ggml-org/ggml), used by
 //             llama.cpp's `--cache-type-k/v q8_0`.
 // Choices:    encoding follows ggml's reference `quantize_row_q8_0_ref` exactly (multiply by
@@ -26,6 +30,7 @@
 
 #include <kvc/core/element.hpp>
 #include <kvc/core/events.hpp>
+#include <kvc/quant/int8_fused.hpp>
 #include <kvc/quant/token_codec.hpp>
 #include <kvc/simd/int8.hpp>
 #include <kvc/simd/kernels.hpp>
@@ -68,6 +73,34 @@ struct Q8_0 : TokenCodec<Q8_0> {
       block[2 + j] = static_cast<std::byte>(
           static_cast<std::int8_t>(std::fmin(std::fmax(q, -127.0F), 127.0F)));
     }
+  }
+
+  // attend's value tiles: the integer path (simd/int8_dot.hpp, one u8 weight row per block)
+  // where the target has VNNI, else TokenCodec's exact fp32 path. Scores always take the
+  // exact path: with a scale per 32-channel block, an integer dot saves little over fp32
+  // FMAs on widened codes, and the query would be rounded for it.
+  static constexpr bool integer_scores(std::size_t) noexcept { return false; }
+  static constexpr bool integer_values(std::size_t head_dim) noexcept {
+    return detail::int8_fused_fits(head_dim);
+  }
+
+  void accumulate_tile(const AccumulateTile& tile) const noexcept {
+    if (integer_values(tile.head_dim)) {
+      detail::int8_fused_accumulate(tile, layout(tile.head_dim));
+    } else {
+      TokenCodec<Q8_0>::accumulate_tile(tile);
+    }
+  }
+
+  // Where a row's int8 codes and scales are, for the integer kernels (quant/int8_fused.hpp).
+  struct Layout {
+    std::size_t stride, code_offset, chunk_stride, chunks_per_scale;
+    static float scale(const std::byte* row, std::size_t s) noexcept {
+      return simd::load_fp16(row + s * block_bytes);
+    }
+  };
+  static constexpr Layout layout(std::size_t head_dim) noexcept {
+    return {row_bytes(head_dim), 2, block_bytes, 1};
   }
 
  private:

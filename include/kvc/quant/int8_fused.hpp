@@ -1,0 +1,127 @@
+// kvc/quant/int8_fused.hpp — the integer attend path of the int8 formats (quant::Int8,
+// quant::Q8_0): score and accumulate tiles computed on the codes with simd::dot_s8 /
+// simd::accumulate_u8s8 (VNNI), for any format whose row is int8 codes in chunks of 32
+// channels with one fp scale per chunk (several chunks may share one).
+//
+// A format describes its row with a Layout:
+//   std::size_t stride                     bytes per token row
+//   std::size_t code_offset                bytes from the row to chunk 0's codes
+//   std::size_t chunk_stride               bytes from chunk b's codes to chunk b + 1's
+//   std::size_t chunks_per_scale           consecutive chunks sharing one scale
+//   float scale(const std::byte* row, std::size_t s)    the row's s-th scale
+// What the kernels round (queries to int8 per row, weights to u8 per tile) and why is in
+// kvc/simd/int8_dot.hpp. Per tile and block of up to 4 query rows:
+//   score:       s[r][j] = (float)Σ_c q̂[r][c]·k̂[j][c] · (sq_r · sk_j)     (one scale per row)
+//   accumulate:  for each scale s of the row: w[j] = p[r][j] · scale_s(j), ŵ = u8(w),
+//                acc[r][c] += (w_max/255) · (float)Σ_j ŵ_j · v̂[j][c]   (c in scale s's chunks)
+// Tiles are cut into sub-tiles of `fused_tokens` tokens so the buffers stay on the stack.
+#pragma once
+
+#include <kvc/core/events.hpp>
+#include <kvc/simd/int8_dot.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+
+namespace kvc::quant::detail {
+
+inline constexpr std::size_t fused_max_head_dim = 256;
+inline constexpr std::size_t fused_tokens = 64;
+inline constexpr std::size_t fused_rows = 4;
+
+// Whether the integer path serves this head_dim (else the format's fp32 path does).
+constexpr bool int8_fused_fits(std::size_t head_dim) noexcept {
+  return simd::has_int8_dot && head_dim % simd::int8_chunk == 0 && head_dim <= fused_max_head_dim;
+}
+
+// Formats with one scale per token row (chunks_per_scale == head_dim / 32).
+template <class Layout>
+void int8_fused_scores(const ScoreTile& tile, const Layout& layout) noexcept {
+  const std::size_t d = tile.head_dim;
+  std::array<std::int8_t, fused_rows * fused_max_head_dim> query_codes;
+  std::array<float, fused_rows> query_scales;
+  std::array<float, fused_tokens> key_scales;
+  std::array<std::int32_t, fused_rows * fused_tokens> dots;
+  for (std::size_t t0 = 0; t0 < tile.tokens; t0 += fused_tokens) {
+    const std::size_t tokens = std::min(fused_tokens, tile.tokens - t0);
+    const std::byte* rows = tile.key_codes + t0 * layout.stride;
+    for (std::size_t j = 0; j < tokens; ++j)
+      key_scales[j] = layout.scale(rows + j * layout.stride, 0);
+    for (std::size_t r0 = 0; r0 < tile.rows; r0 += fused_rows) {
+      const std::size_t block = std::min(fused_rows, tile.rows - r0);
+      simd::quantize_rows_s8(tile.queries + r0 * d, block, d, d, query_codes.data(),
+                             query_scales.data());
+      simd::dot_s8(query_codes.data(), block, d,
+                   reinterpret_cast<const std::int8_t*>(rows + layout.code_offset), tokens,
+                   layout.stride, dots.data(), fused_tokens);
+      for (std::size_t r = 0; r < block; ++r) {
+        float* __restrict scores = tile.scores + (r0 + r) * tile.scores_stride + t0;
+        const std::int32_t* __restrict dot = dots.data() + r * fused_tokens;
+        const float* __restrict key_scale = key_scales.data();
+        const float query_scale = query_scales[r];
+        for (std::size_t j = 0; j < tokens; ++j) {
+          scores[j] = static_cast<float>(dot[j]) * (query_scale * key_scale[j]);
+        }
+      }
+    }
+  }
+}
+
+template <class Layout>
+void int8_fused_accumulate(const AccumulateTile& tile, const Layout& layout) noexcept {
+  constexpr std::size_t max_chunks = fused_max_head_dim / simd::int8_chunk;
+  const std::size_t d = tile.head_dim;
+  const std::size_t chunks = d / simd::int8_chunk;
+  const std::size_t scales = chunks / layout.chunks_per_scale;
+  std::array<float, max_chunks * fused_tokens> value_scales;  // [scale][token]
+  std::array<float, fused_tokens> weights;
+  std::array<std::uint8_t, max_chunks * fused_rows * fused_tokens> weight_codes;
+  std::array<float, max_chunks * fused_rows> factors;  // [scale][row]
+  std::array<const std::uint8_t*, max_chunks> chunk_weights;
+  std::array<std::int32_t, fused_rows * fused_max_head_dim> sums;
+  for (std::size_t t0 = 0; t0 < tile.tokens; t0 += fused_tokens) {
+    const std::size_t tokens = std::min(fused_tokens, tile.tokens - t0);
+    const std::byte* rows = tile.value_codes + t0 * layout.stride;
+    for (std::size_t s = 0; s < scales; ++s) {
+      for (std::size_t j = 0; j < tokens; ++j) {
+        value_scales[s * fused_tokens + j] = layout.scale(rows + j * layout.stride, s);
+      }
+    }
+    for (std::size_t r0 = 0; r0 < tile.rows; r0 += fused_rows) {
+      const std::size_t block = std::min(fused_rows, tile.rows - r0);
+      for (std::size_t s = 0; s < scales; ++s) {
+        for (std::size_t r = 0; r < block; ++r) {
+          const float* __restrict p = tile.weights + (r0 + r) * tile.weights_stride + t0;
+          const float* __restrict scale = value_scales.data() + s * fused_tokens;
+          float* __restrict weight = weights.data();
+          for (std::size_t j = 0; j < tokens; ++j) weight[j] = p[j] * scale[j];
+          factors[s * fused_rows + r] = simd::quantize_weights_u8(
+              weights.data(), tokens, weight_codes.data() + (s * fused_rows + r) * fused_tokens);
+        }
+      }
+      for (std::size_t b = 0; b < chunks; ++b) {
+        chunk_weights[b] =
+            weight_codes.data() + b / layout.chunks_per_scale * fused_rows * fused_tokens;
+      }
+      simd::accumulate_u8s8(chunk_weights.data(), block, fused_tokens,
+                            reinterpret_cast<const std::int8_t*>(rows + layout.code_offset), tokens,
+                            layout.stride, chunks, layout.chunk_stride, sums.data(),
+                            fused_max_head_dim);
+      for (std::size_t r = 0; r < block; ++r) {
+        float* acc = tile.acc + (r0 + r) * d;
+        const std::int32_t* sum = sums.data() + r * fused_max_head_dim;
+        const std::size_t width = layout.chunks_per_scale * simd::int8_chunk;
+        for (std::size_t s = 0; s < scales; ++s) {
+          const float factor = factors[s * fused_rows + r];
+          float* __restrict out = acc + s * width;
+          const std::int32_t* __restrict in = sum + s * width;
+          for (std::size_t c = 0; c < width; ++c) out[c] += factor * static_cast<float>(in[c]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace kvc::quant::detail
