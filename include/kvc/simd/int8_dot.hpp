@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace kvc::simd {
 
@@ -408,7 +409,11 @@ inline void dot_s8(const std::int8_t* q, std::size_t rows, std::size_t d, const 
     for (; r + 4 <= rows; r += 4) {
       detail::dot_s8_rows<4>(q + r * d, d, k, tokens, ldk, dots + r * ldo, ldo);
     }
-    for (; r < rows; ++r) detail::dot_s8_rows<1>(q + r * d, d, k, tokens, ldk, dots + r * ldo, ldo);
+    // The last 1–3 rows in one block: each key vector loaded serves all of them.
+    const std::size_t left = rows - r;
+    if (left == 3) detail::dot_s8_rows<3>(q + r * d, d, k, tokens, ldk, dots + r * ldo, ldo);
+    if (left == 2) detail::dot_s8_rows<2>(q + r * d, d, k, tokens, ldk, dots + r * ldo, ldo);
+    if (left == 1) detail::dot_s8_rows<1>(q + r * d, d, k, tokens, ldk, dots + r * ldo, ldo);
     return;
   }
 #endif
@@ -435,15 +440,23 @@ inline void accumulate_u8s8(const std::uint8_t* const* w, std::size_t rows, std:
                                             tokens, ldv, out, ldacc);
       }
     }
-    for (; r < rows; ++r) {
+    const std::size_t left = rows - r;
+    if (left > 0) {  // the last 1–3 rows in one block
       std::int32_t* out = acc + r * ldacc + b * int8_chunk;
-      if (pair) {
-        detail::accumulate_chunks<1, true>(w[b] + r * ldw, w1 + r * ldw, ldw, codes, chunk_stride,
-                                           tokens, ldv, out, ldacc);
-      } else {
-        detail::accumulate_chunks<1, false>(w[b] + r * ldw, w1 + r * ldw, ldw, codes, chunk_stride,
-                                            tokens, ldv, out, ldacc);
-      }
+      const std::uint8_t* low = w[b] + r * ldw;
+      const std::uint8_t* high = w1 + r * ldw;
+      const auto run = [&]<std::size_t Rows>(std::integral_constant<std::size_t, Rows>) {
+        if (pair) {
+          detail::accumulate_chunks<Rows, true>(low, high, ldw, codes, chunk_stride, tokens, ldv,
+                                                out, ldacc);
+        } else {
+          detail::accumulate_chunks<Rows, false>(low, high, ldw, codes, chunk_stride, tokens, ldv,
+                                                 out, ldacc);
+        }
+      };
+      if (left == 3) run(std::integral_constant<std::size_t, 3>{});
+      if (left == 2) run(std::integral_constant<std::size_t, 2>{});
+      if (left == 1) run(std::integral_constant<std::size_t, 1>{});
     }
   }
 #else
