@@ -35,16 +35,9 @@ static_assert(kvc::ReportsStateBytes<CakeIndicator>);
 
 constexpr float inf = std::numeric_limits<float>::infinity();
 
-std::vector<Position> iota_positions(Position first, Position last) {  // [first, last]
-  std::vector<Position> result(static_cast<std::size_t>(last - first + 1));
-  std::iota(result.begin(), result.end(), first);
-  return result;
-}
+using kvc::test::iota_positions;
 
-std::vector<Position> concat(std::vector<Position> a, const std::vector<Position>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
+using kvc::test::concat;
 
 // CAKE's indicator in float64 on keys k ([kv_heads][n][dim], positions 0..n-1) of one kv
 // head: the last w window queries of each group head attend to all keys (causal inside

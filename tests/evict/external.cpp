@@ -31,11 +31,7 @@ static_assert(kvc::ReportsStateBytes<External>);
 static_assert(!kvc::ConsumesAttention<External>);
 static_assert(!kvc::ObservesQueries<External>);
 
-std::vector<Position> iota_positions(Position first, Position last) {  // [first, last]
-  std::vector<Position> result(static_cast<std::size_t>(last - first + 1));
-  std::iota(result.begin(), result.end(), first);
-  return result;
-}
+using kvc::test::iota_positions;
 
 std::vector<float> random_scores(std::mt19937& rng, std::size_t n) {
   std::normal_distribution<float> normal(0.0F, 1.0F);

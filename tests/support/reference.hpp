@@ -5,10 +5,24 @@
 
 #include <cmath>
 #include <cstddef>
+#include <numeric>
 #include <random>
 #include <vector>
 
 namespace kvc::test {
+
+// Positions first..last (inclusive), and two position lists one after the other.
+inline std::vector<kvc::Position> iota_positions(kvc::Position first, kvc::Position last) {
+  std::vector<kvc::Position> result(static_cast<std::size_t>(last - first + 1));
+  std::iota(result.begin(), result.end(), first);
+  return result;
+}
+
+inline std::vector<kvc::Position> concat(std::vector<kvc::Position> a,
+                                         const std::vector<kvc::Position>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
 
 // A [heads][tokens][dim] fp32 tensor the tests own.
 struct Tensor3 {
