@@ -316,6 +316,15 @@ TEST_CASE("rejected calls throw a typed error naming the value and change nothin
     CHECK_THROWS_WITH(cache.append(seq, 1, poisoned.view(), v.slice(0, 4)),
                       Catch::Contains("k[1][3][17] is inf"));
   }
+  SECTION("queries: NaN and Inf are rejected") {
+    Tensor3 q = random_tensor(rng, 8, 1, 64);
+    Tensor3 out(8, 1, 64);
+    q.at(5, 0, 9) = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH(cache.attend(seq, 0, q.view(), out.mutable_view()),
+                      "attend: q[5][0][9] is nan, queries must be finite");
+    q.at(5, 0, 9) = -std::numeric_limits<float>::infinity();
+    CHECK_THROWS_AS(cache.attend(seq, 0, q.view(), out.mutable_view()), kvc::ValueError);
+  }
   SECTION("queries: wrong heads, too many tokens, zero tokens, mismatched out") {
     const Tensor3 q_bad_heads = random_tensor(rng, 2, 1, 64);
     Tensor3 out(8, 1, 64);
@@ -345,6 +354,22 @@ TEST_CASE("rejected calls throw a typed error naming the value and change nothin
   }
   CHECK(Snapshot<Cache>(cache, seq) == before);
   CHECK(cache.stats().pages_in_use == pages_before);
+}
+
+TEST_CASE("queries beyond the storage format's range are valid", "[kv_cache][errors]") {
+  // Only the stored K/V are bound by the format (f16: ±65504); a query is never stored.
+  const kvc::Geometry geometry{.layers = 1, .q_heads = 2, .kv_heads = 1, .head_dim = 32};
+  kvc::KvCache<kvc::evict::Full, kvc::quant::Dense<Eigen::half>> cache(geometry);
+  const auto seq = cache.open_sequence();
+  Tensor3 k(1, 3, 32), v(1, 3, 32), q(2, 1, 32), out(2, 1, 32);
+  for (std::size_t t = 0; t < 3; ++t) {
+    k.at(0, t, 0) = 1.0F;
+    v.at(0, t, 1) = static_cast<float>(t);
+  }
+  cache.append(seq, 0, k.view(), v.view());
+  q.at(1, 0, 0) = 1.0e30F;  // equal keys: equal scores, however large
+  REQUIRE_NOTHROW(cache.attend(seq, 0, q.view(), out.mutable_view()));
+  CHECK(out.at(1, 0, 1) == Approx(1.0));  // the mean of 0, 1, 2
 }
 
 TEST_CASE("construction rejects bad geometry, budgets and head dims", "[kv_cache][errors]") {

@@ -108,6 +108,17 @@ concept PlansLayers = requires(P& planner, const LayerPlan& plan, std::span<std:
   planner.plan_layer(plan, out);
 };
 
+// Optional: the planner splits a layer by the scorer's scores (AdaKV). It has
+// `wants_scores()` → bool: `static constexpr bool wants_scores() { return true; }` for a
+// planner that always wants them, a run-time answer for one that dispatches (the recipes'
+// RecipePlanner). When it answers true, compressing a layer scores every kv head first,
+// fills LayerPlan::scores and plans once more with them; the over-budget check still calls
+// plan_layer with empty scores, so it must answer cheaply without them.
+template <class P>
+concept PlansFromScores = requires(const P& planner) {
+  { planner.wants_scores() } -> std::convertible_to<bool>;
+};
+
 template <class P>
 concept BudgetPlanner = NamedPolicy<P> && PlansLayers<P>;
 

@@ -66,13 +66,18 @@ struct ScoreContext {
   std::size_t head_dim = 0;
 };
 
-// Asked of a budget planner before a layer is compressed.
+// Asked of a budget planner before a layer is compressed (and by the over-budget check).
 struct LayerPlan {
   Geometry geometry{};
   std::size_t layer = 0;
   std::size_t base_budget = 0;            // the cache budget resolved for tokens_seen
   std::size_t tokens_seen = 0;            // tokens ever appended to this layer
   std::span<const std::size_t> stored{};  // tokens held now, per kv head
+  // Per kv head, the scorer's score of each stored token (storage order, NaN already
+  // mapped to −inf; scores[h].size() == stored[h]). Filled only for a planner whose
+  // wants_scores() is true (PlansFromScores), when the cache compresses the layer; empty
+  // in the over-budget check and for every other planner.
+  std::span<const std::span<const float>> scores{};
 };
 
 // One page tile handed to a quantizer's fused score kernel:
@@ -87,6 +92,10 @@ struct ScoreTile {
   float* scores = nullptr;
   std::size_t scores_stride = 0;
   float* scratch = nullptr;  // page_tokens * head_dim floats the kernel may use
+  // true: the scores must be exact fp32 functions of the codes (no rounding of the queries,
+  // as the integer paths of quant::Int8 do). observe() asks for it: it selects tokens once,
+  // where precision matters more than speed.
+  bool exact = false;
 };
 
 // acc[r * head_dim + c] += Σ_j weights[r * weights_stride + j] * value(j)[c].

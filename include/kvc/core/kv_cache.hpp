@@ -253,7 +253,7 @@ class KvCache {
           const std::size_t tokens = std::min(options_.page_tokens, n - first);
           quantizer_.score_tile(ScoreTile{queries_.data(), rows, pool_.data(head.pages[p]), tokens,
                                           geometry_.head_dim, weights_.data() + first, n,
-                                          tile_scratch_.data()});
+                                          tile_scratch_.data(), /*exact=*/true});
         }
         for (std::size_t r = 0; r < rows; ++r) {
           float* row = weights_.data() + r * n;
@@ -283,6 +283,7 @@ class KvCache {
     check_layer(layer, "attend");
     Layer& store = sequence.layers[layer];
     check_queries(q, store, "attend");
+    if (options_.check_finite) check_finite_queries(q);
     check_heads_view(out, geometry_.q_heads, "attend", "out", "query heads");
     if (out.extent(1) != q.extent(1)) {
       detail::fail<ShapeError>("attend: out has {} tokens, q has {}", out.extent(1), q.extent(1));
@@ -580,6 +581,31 @@ class KvCache {
     return bad == 0;
   }
 
+  // Queries need only be finite (no format bound): a NaN would poison every output row of
+  // its group, and the integer kernels (simd/int8_dot.hpp) round queries, which a NaN or
+  // inf has no answer for.
+  template <class T>
+  static void check_finite_queries(const View<T, 3>& q) {
+    using E = std::remove_const_t<T>;
+    using Bits = std::conditional_t<sizeof(E) == 4, std::uint32_t, std::uint16_t>;
+    const E largest = std::numeric_limits<E>::max();
+    Bits limit;
+    std::memcpy(&limit, &largest, sizeof(Bits));
+    for (std::size_t h = 0; h < q.extent(0); ++h) {
+      for (std::size_t t = 0; t < q.extent(1); ++t) {
+        const E* row = q.pointer(h, t);
+        if (row_is_storable(row, q.extent(2), limit)) continue;
+        for (std::size_t c = 0; c < q.extent(2); ++c) {
+          const float x = static_cast<float>(row[c]);
+          if (!std::isfinite(x)) {
+            detail::fail<ValueError>("attend: q[{}][{}][{}] is {}, queries must be finite", h, t, c,
+                                     x);
+          }
+        }
+      }
+    }
+  }
+
   template <class T>
   static void check_finite(const View<T, 3>& view, const char* function, const char* argument) {
     using E = std::remove_const_t<T>;
@@ -817,14 +843,19 @@ class KvCache {
   void compress_layer(Layer& store, std::size_t layer) {
     if constexpr (Scorer::evicts) {
       plan(store, layer);
+      if constexpr (PlansFromScores<Planner>) {
+        // A planner that splits by score (AdaKV): scored path, instantiated only for it.
+        if (planner_.wants_scores()) {
+          compress_layer_from_scores(store, layer);
+          return;
+        }
+      }
       for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
         Head& head = store.heads[h];
         const std::size_t budget = head_budgets_[h];
         if (head.tokens <= budget) continue;
         select_survivors(head, layer, h, budget, store.tokens_seen);
-        compact(head);
-        scorer_.on_compact(head.scorer_state, kept_);
-        if constexpr (!Index::reads_all) index_.on_compact(head.index_state, kept_);
+        evict_to_kept(head);
       }
     } else {
       (void)store;
@@ -832,13 +863,66 @@ class KvCache {
     }
   }
 
+  // For a planner with wants_scores() (AdaKV): when the plan without scores finds a head
+  // over budget, score every head of the layer (ScoreContext::budget = the base budget,
+  // capped at the head's tokens: the planned budget is not known before scoring), plan
+  // again with LayerPlan::scores, then keep each head's `budget` best of those scores.
+  void compress_layer_from_scores(Layer& store, std::size_t layer) {
+    const std::size_t heads = geometry_.kv_heads;
+    bool over = false;
+    for (std::size_t h = 0; h < heads; ++h) over = over || store.heads[h].tokens > head_budgets_[h];
+    if (!over) return;
+    const std::size_t base_budget = options_.budget.resolve(store.tokens_seen);
+    if (layer_scores_.size() < heads) layer_scores_.resize(heads);
+    score_views_.resize(heads);
+    for (std::size_t h = 0; h < heads; ++h) {
+      const Head& head = store.heads[h];
+      score_head(head, layer, h, std::min(base_budget, head.tokens), store.tokens_seen,
+                 layer_scores_[h]);
+      score_views_[h] = std::span<const float>(layer_scores_[h].data(), head.tokens);
+    }
+    head_budgets_.assign(heads, 0);
+    planner_.plan_layer(
+        LayerPlan{geometry_, layer, base_budget, store.tokens_seen, stored_, score_views_},
+        head_budgets_);
+    for (std::size_t h = 0; h < heads; ++h) {
+      Head& head = store.heads[h];
+      const std::size_t budget = head_budgets_[h];
+      if (head.tokens <= budget) continue;
+      load_positions(head);
+      keep_best(score_views_[h], budget);
+      evict_to_kept(head);
+    }
+  }
+
+  // Compacts `head` to the kept_ slots and tells the policies which survived.
+  void evict_to_kept(Head& head) {
+    compact(head);
+    scorer_.on_compact(head.scorer_state, kept_);
+    if constexpr (!Index::reads_all) index_.on_compact(head.index_state, kept_);
+  }
+
   // kept_ = the `budget` slots with the highest scores (ties: the newer token), ascending.
   void select_survivors(const Head& head, std::size_t layer, std::size_t kv_head,
                         std::size_t budget, std::size_t tokens_seen) {
+    score_head(head, layer, kv_head, budget, tokens_seen, token_scores_);
+    keep_best(token_scores_, budget);
+  }
+
+  void load_positions(const Head& head) {
+    positions_.resize(head.tokens);
+    for (std::size_t slot = 0; slot < head.tokens; ++slot) {
+      positions_[slot] = position_at(head, slot);
+    }
+  }
+
+  // scores = the scorer's score of each stored slot of `head` (NaN → −inf); positions_ = the
+  // head's positions.
+  void score_head(const Head& head, std::size_t layer, std::size_t kv_head, std::size_t budget,
+                  std::size_t tokens_seen, std::vector<float>& scores) {
     const std::size_t n = head.tokens;
-    positions_.resize(n);
-    for (std::size_t slot = 0; slot < n; ++slot) positions_[slot] = position_at(head, slot);
-    token_scores_.assign(n, 0.0F);
+    load_positions(head);
+    scores.assign(n, 0.0F);
     ScoreContext context{layer, kv_head, positions_, budget, tokens_seen, {}, geometry_.head_dim};
     if constexpr (ScoresStoredKeys<Scorer>) {
       const std::size_t d = geometry_.head_dim;
@@ -850,14 +934,20 @@ class KvCache {
       }
       context.keys = std::span<const float>(key_scratch_.data(), n * d);
     }
-    scorer_.score(head.scorer_state, context, token_scores_);
-    for (float& score : token_scores_) {
+    scorer_.score(head.scorer_state, context, std::span<float>(scores.data(), n));
+    for (float& score : scores) {
       if (std::isnan(score)) score = -std::numeric_limits<float>::infinity();
     }
+  }
+
+  // kept_ = the `budget` slots with the highest `scores`, ascending; ties go to the newer
+  // token (positions_ must hold the head's positions).
+  void keep_best(std::span<const float> scores, std::size_t budget) {
+    const std::size_t n = scores.size();
     kept_.resize(n);
     for (std::size_t slot = 0; slot < n; ++slot) kept_[slot] = static_cast<std::uint32_t>(slot);
     const auto better = [&](std::uint32_t a, std::uint32_t b) {
-      if (token_scores_[a] != token_scores_[b]) return token_scores_[a] > token_scores_[b];
+      if (scores[a] != scores[b]) return scores[a] > scores[b];
       return positions_[a] > positions_[b];
     };
     std::nth_element(kept_.begin(), kept_.begin() + static_cast<std::ptrdiff_t>(budget),
@@ -956,6 +1046,8 @@ class KvCache {
   std::vector<std::size_t> visible_, head_budgets_, stored_, run_offsets_, run_counts_;
   std::vector<std::uint32_t> pages_to_read_, kept_;
   std::vector<Position> positions_;
+  std::vector<std::vector<float>> layer_scores_;     // per kv head, planners with scores
+  std::vector<std::span<const float>> score_views_;  // LayerPlan::scores
 };
 
 }  // namespace kvc
