@@ -3,7 +3,7 @@
 //
 // Shapes: context 1K / 8K / 32K tokens (attend also 16K), head_dim 128, 8 kv heads, GQA
 // group 1 and 4 (8 and 32 query heads), one layer, one sequence, single thread. Formats:
-// Dense<float>, Dense<half>, Int8<>, Q8_0, Fp8E4M3, Fp8E5M2.
+// Dense<float>, Dense<half>, Int8<>, Int8<32>, Q8_0, Q4_0, Fp8E4M3, Fp8E5M2.
 //
 //   BM_append_prefill<Q>/context/check_finite
 //                                      append `context` tokens in chunks of 512 into an
@@ -32,6 +32,7 @@
 #include <kvc/kvc.hpp>
 
 #include "machine.hpp"
+#include "random.hpp"
 
 #include <benchmark/benchmark.h>
 #include <fmt/format.h>
@@ -56,22 +57,7 @@ constexpr std::size_t decode_appends = 8192;  // iterations of BM_append_decode
 
 using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-// Uniform on [-√3, √3) (mean 0, variance 1) from splitmix64: fast enough that a 32K context
-// (2 × 32M floats) costs well under a second. The values only need to be finite and
-// realistic in scale; the kernels' cost does not depend on them.
-std::vector<float> random_floats(std::size_t count, std::uint64_t seed) {
-  std::uint64_t state = seed * 0x9E3779B97F4A7C15ULL;
-  std::vector<float> result(count);
-  for (float& x : result) {
-    std::uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    const float unit = static_cast<float>(z >> 40) * 0x1.0p-24F;  // [0, 1)
-    x = (2.0F * unit - 1.0F) * 1.7320508F;
-  }
-  return result;
-}
+using kvc::bench::random_floats;  // bench/random.hpp
 
 // [kv_heads][tokens][head_dim] of the full context, one array for K and one for V.
 struct Context {
@@ -321,6 +307,11 @@ BENCHMARK(BM_append_decode<kvc::quant::Q8_0>)
     ->Apply(append_shapes)
     ->Iterations(decode_appends)
     ->Unit(benchmark::kNanosecond);
+BENCHMARK(BM_append_prefill<kvc::quant::Q4_0>)->Apply(append_shapes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_append_decode<kvc::quant::Q4_0>)
+    ->Apply(append_shapes)
+    ->Iterations(decode_appends)
+    ->Unit(benchmark::kNanosecond);
 BENCHMARK(BM_append_prefill<kvc::quant::Fp8E4M3>)
     ->Apply(append_shapes)
     ->Unit(benchmark::kMicrosecond);
@@ -353,6 +344,14 @@ BENCHMARK(BM_attend_kvc<kvc::quant::Int8<>>)
     ->ArgNames({"context", "group"})
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_attend_kvc<kvc::quant::Q8_0>)
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::Int8<32>>)
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::Q4_0>)
     ->Apply(contexts_and_groups)
     ->ArgNames({"context", "group"})
     ->Unit(benchmark::kMicrosecond);

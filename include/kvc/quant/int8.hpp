@@ -22,11 +22,12 @@
 //             VNNI and head_dim is a multiple of 32 up to 256 (integer_scores/values), attend
 //             multiplies codes by codes (simd/int8_dot.hpp): q·k in int32 with each query row
 //             rounded to int8 (Int8<> only: the key needs one scale per token), P·V in int32
-//             with the tile's softmax weights rounded to u8 — 1.4–1.8× faster than
-//             Dense<half> at GQA 4 (bench/results/attend.md), for a score error ≤ (m_q/254)
-//             · Σ|k̂| and a weight error ≤ 1/510 of the tile's largest weight. Elsewhere it
-//             widens one page tile (codes × scale → fp32) into L1 scratch and runs
-//             simd::dot_block / axpy_block: exact fp32 functions of the codes.
+//             with the tile's softmax weights rounded to u8 — 1.3× (16K–32K) to 1.8× (1K)
+//             faster than Dense<half> at GQA 4 (bench/results/attend.md), for a score error ≤
+//             (m_q/254) · Σ|k̂| and a weight error ≤ 1/510 of the tile's largest weight. Elsewhere
+//             it widens one page tile (codes × scale → fp32) into L1 scratch and runs
+//             simd::dot_block / axpy_block: exact fp32 functions of the codes. Tiles that
+//             ask for exact scores (ScoreTile::exact: observe's window) take that path too.
 // Choices:    symmetric, so zero is exact and no zero point is stored; ties to even, as
 //             ALGORITHMS.md's "round" (nearbyint under the default rounding mode).
 #pragma once
@@ -102,7 +103,7 @@ struct Int8 : TokenCodec<Int8<Group>> {
   }
 
   void score_tile(const ScoreTile& tile) const noexcept {
-    if (integer_scores(tile.head_dim)) {
+    if (integer_scores(tile.head_dim) && !tile.exact) {
       detail::int8_fused_scores(tile, layout(tile.head_dim));
     } else {
       TokenCodec<Int8>::score_tile(tile);
