@@ -7,9 +7,14 @@
 // a 4096-token prompt, 16 decode steps and one final "question" step.
 //
 // For each scorer (Full, StreamingLLM, H2O, SnapKV, TOVA, Knorm, KeyDiff, Keyformer,
-// LazyEviction, CakeIndicator; ExpectedAttention and External need host calls this loop
-// does not make) × planner (Uniform, PyramidKV) × budget (1/2, 1/4, 1/8, 1/16 of the prompt,
-// as Budget::tokens), one KvCache<Scorer, Dense<float>, Exhaustive, None, Planner>, with
+// LazyEviction, CakeIndicator, WindowKV; ExpectedAttention and External need host calls this
+// loop does not make) × planner (Uniform, PyramidKV, AdaKV) × budget (1/2, 1/4, 1/8, 1/16 of the
+// prompt, as Budget::tokens), plus DuoAttention with its own planner (budget::DuoAttention:
+// retrieval heads keep every token, streaming heads min(64 sinks + 256 recent, budget)) and
+// roles calibrated on the synthetic prompt itself (evict::calibrate_head_roles on the
+// softmax of the last 64 prompt queries, half of the (layer, kv head) retrieval; the roles
+// are written to the JSON's config), one KvCache<Scorer, Dense<float>, Exhaustive, None,
+// Planner>, with
 // auto_compress off and the host loop a prefill-then-decode engine would run, per layer:
 //   prefill  append(prompt); attend(all prompt queries, causal) when the scorer consumes
 //            attention (H2O, TOVA: the attention is the score; other scorers would get
@@ -41,6 +46,9 @@
 #include "machine.hpp"
 #include "synthetic.hpp"
 
+#include <kvc/budget/duo_attention.hpp>
+#include <kvc/evict/duo_attention.hpp>
+#include <kvc/evict/window_kv.hpp>
 #include <kvc/kvc.hpp>
 
 #include <fmt/format.h>
@@ -61,6 +69,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -168,8 +177,8 @@ nlohmann::json profile(const Data& data, const std::vector<std::size_t>& steps,
 }
 
 template <class Scorer, class Planner>
-RunOutput run_cache(const Data& data, const Settings& settings, kvc::Budget budget,
-                    Planner planner) {
+RunOutput run_cache(const Data& data, const Settings& settings, kvc::Budget budget, Planner planner,
+                    Scorer scorer = Scorer{}) {
   using Cache = kvc::KvCache<Scorer, kvc::quant::Dense<float>, kvc::retrieval::Exhaustive,
                              kvc::offload::None, Planner>;
   const auto start = std::chrono::steady_clock::now();
@@ -177,8 +186,8 @@ RunOutput run_cache(const Data& data, const Settings& settings, kvc::Budget budg
   const std::size_t n = o.tokens;
   const std::size_t d = o.head_dim;
   const std::size_t prompt = settings.prompt_tokens;
-  Cache cache(geometry_of(o), {.budget = budget, .auto_compress = false}, Scorer{}, {}, {}, {},
-              std::move(planner));
+  Cache cache(geometry_of(o), {.budget = budget, .auto_compress = false}, std::move(scorer), {}, {},
+              {}, std::move(planner));
   const kvc::SequenceId sequence = cache.open_sequence();
   RunOutput result;
 
@@ -315,6 +324,53 @@ void add_scorer(std::vector<Job>& jobs, const Data& data, const Settings& settin
                           data, settings, budget,
                           kvc::budget::PyramidKV({.window = settings.observe_window}));
                     }});
+    jobs.push_back({std::string(Scorer::name()), std::string(kvc::budget::AdaKV::name()), divisor,
+                    [&data, &settings, budget] {
+                      return run_cache<Scorer>(data, settings, budget, kvc::budget::AdaKV{});
+                    }});
+  }
+}
+
+// DuoAttention's roles from the synthetic prompt: per (layer, kv head) the float64 softmax
+// of the last `observe_window` prompt queries of each query head of the group, as the
+// ObserveEvent layout calibrate_head_roles reads; half of the heads become retrieval.
+kvc::evict::HeadRoles calibrated_roles(const Data& data, const Settings& settings) {
+  const SyntheticOptions& o = data.options;
+  const std::size_t prompt = settings.prompt_tokens;
+  const std::size_t w = std::min(settings.observe_window, prompt);
+  const std::size_t group = o.q_heads / o.kv_heads;
+  std::vector<std::vector<float>> weights;
+  std::vector<kvc::ObserveEvent> events;
+  for (std::size_t layer = 0; layer < o.layers; ++layer) {
+    for (std::size_t h = 0; h < o.kv_heads; ++h) {
+      std::vector<float>& rows = weights.emplace_back(group * w * prompt, 0.0F);
+      for (std::size_t g = 0; g < group; ++g) {
+        for (std::size_t j = 0; j < w; ++j) {
+          const auto row = reference_weights(data, layer, h * group + g, prompt - w + j);
+          const auto offset = static_cast<std::ptrdiff_t>((g * w + j) * prompt);
+          std::copy(row.begin(), row.end(), rows.begin() + offset);
+        }
+      }
+      events.push_back({layer, h, {}, group * w, w, prompt});
+    }
+  }
+  for (std::size_t i = 0; i < events.size(); ++i) events[i].weights = weights[i];
+  return kvc::evict::calibrate_head_roles(events, o.layers, o.kv_heads,
+                                          {.sink = 64, .recent = 256, .retrieval_fraction = 0.5});
+}
+
+void add_duo_attention(std::vector<Job>& jobs, const Data& data, const Settings& settings,
+                       const kvc::evict::HeadRoles& roles) {
+  for (std::size_t divisor : settings.budget_divisors) {
+    const kvc::Budget budget = kvc::Budget::tokens(settings.prompt_tokens / divisor);
+    jobs.push_back({std::string(kvc::evict::DuoAttention::name()),
+                    std::string(kvc::budget::DuoAttention::name()), divisor,
+                    [&data, &settings, &roles, budget] {
+                      return run_cache<kvc::evict::DuoAttention>(
+                          data, settings, budget,
+                          kvc::budget::DuoAttention(roles, {.sink = 64, .recent = 256}),
+                          kvc::evict::DuoAttention(roles, {.sink = 64}));
+                    }});
   }
 }
 
@@ -430,6 +486,9 @@ int run(int argc, char** argv) {
   add_scorer<kvc::evict::Keyformer>(jobs, data, settings);
   add_scorer<kvc::evict::LazyEviction>(jobs, data, settings);
   add_scorer<kvc::evict::CakeIndicator>(jobs, data, settings);
+  add_scorer<kvc::evict::WindowKV>(jobs, data, settings);
+  const kvc::evict::HeadRoles duo_roles = calibrated_roles(data, settings);
+  add_duo_attention(jobs, data, settings, duo_roles);
   const std::vector<RunOutput> outputs = run_all(jobs, settings.threads);
 
   nlohmann::json runs = nlohmann::json::array();
@@ -468,7 +527,8 @@ int run(int argc, char** argv) {
         {"pyramid_window", settings.observe_window},
         {"page_tokens", kvc::CacheOptions{}.page_tokens},
         {"quantizer", std::string(kvc::quant::Dense<float>::name())},
-        {"budget_divisors", settings.budget_divisors}}},
+        {"budget_divisors", settings.budget_divisors},
+        {"duo_attention_roles", duo_roles.to_string()}}},
       {"synthetic",
        {{"seed", o.seed},
         {"sinks", o.sinks},

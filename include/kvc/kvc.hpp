@@ -8,6 +8,8 @@
 #pragma once
 
 #include <kvc/backend/cpu.hpp>
+#include <kvc/budget/ada_kv.hpp>
+#include <kvc/budget/duo_attention.hpp>
 #include <kvc/budget/pyramid_kv.hpp>
 #include <kvc/budget/uniform.hpp>
 #include <kvc/core/concepts.hpp>
@@ -20,6 +22,7 @@
 #include <kvc/core/stats.hpp>
 #include <kvc/core/view.hpp>
 #include <kvc/evict/cake_indicator.hpp>
+#include <kvc/evict/duo_attention.hpp>
 #include <kvc/evict/expected_attention.hpp>
 #include <kvc/evict/external.hpp>
 #include <kvc/evict/full.hpp>
@@ -31,6 +34,7 @@
 #include <kvc/evict/snapkv.hpp>
 #include <kvc/evict/streaming_llm.hpp>
 #include <kvc/evict/tova.hpp>
+#include <kvc/evict/window_kv.hpp>
 #include <kvc/offload/none.hpp>
 #include <kvc/quant/dense.hpp>
 #include <kvc/quant/fp8.hpp>

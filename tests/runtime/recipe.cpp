@@ -194,6 +194,9 @@ TEST_CASE("parse_recipe round-trips through the canonical form", "[recipe]") {
       {"snapkv:budget=512+q4_0", "snapkv:budget=512+q4_0"},
       {"h2o:budget=0.25+int8", "h2o:budget=0.25+int8"},
       {"h2o+bf16", "h2o+bf16"},  // no budget: make_cache takes CacheOptions::budget
+      {"windowkv:budget=0.25,block=8,window=32", "windowkv:budget=0.25,window=32"},
+      {"duo", "duo:planner=duo"},  // duo always names its own planner
+      {"duo:planner=duo,recent=256,retrieval_every=4", "duo:planner=duo,retrieval_every=4"},
   };
   for (const auto& [written, canonical] : cases) {
     INFO(written);
@@ -243,8 +246,14 @@ TEST_CASE("bad recipes throw ValueError naming the bad token and what exists", "
       {"h2o:budget=64,recent=1.5", {"recent=1.5", "ratio above 1"}},
       {"snapkv:budget=64,kernel=4", {"recipe 'snapkv:budget=64,kernel=4'", "kernel 4 is even"}},
       {"h2o:budget=4,planner=pyramid,beta=0.5", {"beta 0.5 is below 1"}},
+      {"h2o:budget=4,planner=adakv,alpha=2", {"alpha 2 is outside [0, 1]"}},
+      {"h2o:budget=4,alpha=0.5", {"'alpha'", "belongs to planner 'adakv'", "add planner=adakv"}},
       {"streaming:budget=64,window=60", {"budget or window", "not both"}},
       {"streaming:sink=0,window=0", {"recipe 'streaming:sink=0,window=0'", "0 tokens"}},
+      {"duo:budget=64,planner=uniform",
+       {"scorer 'duo' always uses planner 'duo'", "drop planner=uniform"}},
+      {"duo:retrieval_every=0", {"recipe 'duo:retrieval_every=0'", "retrieval_every is 0"}},
+      {"windowkv:budget=64,block=0", {"block (window size c) is 0"}},
       {"", {"empty recipe", "full, streaming", "f32, f16"}},
       {"h2o: budget=64", {"whitespace", "offset 4"}},
       {"h2o:budget=64+int8+f16", {"more than one '+'"}},
@@ -337,6 +346,72 @@ TEST_CASE("a recipe keeps exactly what the KvCache it names keeps", "[recipe]") 
     const kvc::CacheStats stats = cache->stats();
     CHECK(stats.tokens(0, 0) > stats.tokens(small.layers - 1, 0));
   }
+  SECTION("snapkv with the adakv planner is KvCache<SnapKV, ..., AdaKV>") {
+    // RecipePlanner holds AdaKV among its choices, so it is PlansFromScores and asks the
+    // chosen planner at run time; the scored path gives the same cache as AdaKV itself.
+    const auto cache = kvc::make_cache("snapkv:budget=40,window=8,planner=adakv,alpha=0.1", small);
+    using Direct = kvc::KvCache<kvc::evict::SnapKV, kvc::quant::Dense<float>,
+                                kvc::retrieval::Exhaustive, kvc::offload::None, kvc::budget::AdaKV>;
+    Direct direct(small, {.budget = kvc::Budget::tokens(40)}, kvc::evict::SnapKV({.window = 8}), {},
+                  {}, {}, kvc::budget::AdaKV({.alpha = 0.1}));
+    check_same_cache(*cache, direct, work, 8);
+    auto& concrete_cache = concrete<kvc::evict::SnapKV, kvc::quant::Dense<float>>(*cache);
+    CHECK(concrete_cache.planner().chosen_name() == "ada_kv");
+    CHECK(concrete_cache.planner().wants_scores());
+    // Ragged heads, H·B per layer.
+    const kvc::CacheStats stats = cache->stats();
+    bool ragged = false;
+    for (std::size_t l = 0; l < small.layers; ++l) {
+      std::size_t held = 0;
+      for (std::size_t h = 0; h < small.kv_heads; ++h) {
+        held += stats.tokens(l, h);
+        ragged = ragged || stats.tokens(l, h) != stats.tokens(l, 0);
+      }
+      CHECK(held == small.kv_heads * 40);
+    }
+    CHECK(ragged);
+    CHECK(stats.code_bytes == stats.tokens_stored * concrete_cache.bytes_per_token());
+  }
+  SECTION("with adakv among the choices, uniform is still planned without scores") {
+    const auto cache = kvc::make_cache("snapkv:budget=40,window=8", small);
+    CHECK_FALSE(
+        concrete<kvc::evict::SnapKV, kvc::quant::Dense<float>>(*cache).planner().wants_scores());
+    kvc::KvCache<kvc::evict::SnapKV> direct(small, {.budget = kvc::Budget::tokens(40)},
+                                            kvc::evict::SnapKV({.window = 8}));
+    check_same_cache(*cache, direct, work, 8);
+  }
+  SECTION("windowkv with a block, observing the prompt") {
+    const auto cache = kvc::make_cache("windowkv:budget=45,window=16,block=4", small);
+    kvc::KvCache<kvc::evict::WindowKV> direct(small, {.budget = kvc::Budget::tokens(45)},
+                                              kvc::evict::WindowKV({.window = 16, .block = 4}));
+    check_same_cache(*cache, direct, work, 16);
+  }
+  SECTION("duo brings its planner: retrieval heads keep all, streaming heads sink + recent") {
+    const auto cache = kvc::make_cache("duo:sink=4,recent=20", small);
+    CHECK(cache->recipe() == "duo:planner=duo,sink=4,recent=20");
+    CHECK(cache->options().budget.token_count() == 24);
+    using Direct =
+        kvc::KvCache<kvc::evict::DuoAttention, kvc::quant::Dense<float>, kvc::retrieval::Exhaustive,
+                     kvc::offload::None, kvc::budget::DuoAttention>;
+    const auto roles = kvc::evict::HeadRoles::alternating(2);
+    Direct direct(small, {.budget = kvc::Budget::tokens(24)},
+                  kvc::evict::DuoAttention(roles, {.sink = 4}), {}, {}, {},
+                  kvc::budget::DuoAttention(roles, {.sink = 4, .recent = 20}));
+    check_same_cache(*cache, direct, work);
+    auto& concrete_cache = concrete<kvc::evict::DuoAttention, kvc::quant::Dense<float>>(*cache);
+    CHECK(concrete_cache.planner().chosen_name() == "duo_attention");
+    const kvc::CacheStats stats = cache->stats();
+    for (std::size_t l = 0; l < small.layers; ++l) {
+      for (std::size_t h = 0; h < small.kv_heads; ++h) {
+        CHECK(stats.tokens(l, h) == ((l + h) % 2 == 0 ? 230 : 24));
+      }
+    }
+    // retrieval_every=1: every head retrieval, nothing evicted.
+    const auto all = kvc::make_cache("duo:retrieval_every=1", small);
+    const auto seq = all->open_sequence();
+    run(*all, seq, work);
+    CHECK(all->stats().tokens_stored == small.layers * small.kv_heads * 230);
+  }
   SECTION("tova, knorm and keydiff with quantizers") {
     {
       const auto cache = kvc::make_cache("tova:budget=40+f16", small);
@@ -392,6 +467,25 @@ TEST_CASE("the recipe's policies default to the policies' own defaults", "[recip
                            .options();
   CHECK(pyramid.window == kvc::budget::PyramidKV{}.options().window);
   CHECK(pyramid.beta == kvc::budget::PyramidKV{}.options().beta);
+  CHECK(RecipeOptions<kvc::budget::AdaKV>::make(
+            defaults(RecipeOptions<kvc::budget::AdaKV>::parameters))
+            .options()
+            .alpha == kvc::budget::AdaKV{}.options().alpha);
+  const auto windowkv = RecipeOptions<kvc::evict::WindowKV>::make(
+                            defaults(RecipeOptions<kvc::evict::WindowKV>::parameters))
+                            .options();
+  CHECK(windowkv.window == kvc::evict::WindowKV{}.options().window);
+  CHECK(windowkv.kernel == kvc::evict::WindowKV{}.options().kernel);
+  CHECK(windowkv.pooling == kvc::evict::WindowKV{}.options().pooling);
+  CHECK(windowkv.block == kvc::evict::WindowKV{}.options().block);
+  const auto duo_arguments = defaults(RecipeOptions<kvc::evict::DuoAttention>::parameters);
+  const auto duo = RecipeOptions<kvc::evict::DuoAttention>::make(duo_arguments);
+  CHECK(duo.options().sink == kvc::evict::DuoAttention{}.options().sink);
+  CHECK(duo.roles() == kvc::evict::DuoAttention{}.roles());
+  const auto duo_planner = RecipeOptions<kvc::evict::DuoAttention>::make_planner(duo_arguments);
+  CHECK(duo_planner.options().sink == kvc::budget::DuoAttention{}.options().sink);
+  CHECK(duo_planner.options().recent == kvc::budget::DuoAttention{}.options().recent);
+  CHECK(duo_planner.roles() == kvc::budget::DuoAttention{}.roles());
 }
 
 TEST_CASE("the budget: the recipe's, else CacheOptions::budget, never for full", "[recipe]") {
@@ -438,8 +532,10 @@ TEST_CASE("every catalog entry builds from its example and runs", "[recipe]") {
     CHECK(seen == 26);
     for (std::size_t l = 0; l < small.layers; ++l) {
       for (std::size_t h = 0; h < small.kv_heads; ++h) {
-        // budget=0.5 keeps ceil(0.5 · 26) = 13 (the pyramid falls back to uniform: 26 < w).
-        CHECK(cache->tokens(seq, l, h) == (spec.scorer == "full" ? seen : 13));
+        // budget=0.5 keeps ceil(0.5 · 26) = 13 (the pyramid falls back to uniform: 26 < w);
+        // the duo planner keeps its retrieval heads ((l + h) even by default) whole.
+        const bool whole = spec.scorer == "full" || (spec.planner == "duo" && (l + h) % 2 == 0);
+        CHECK(cache->tokens(seq, l, h) == (whole ? seen : 13));
       }
     }
     for (const auto& parameter : info.parameters) {
@@ -469,7 +565,8 @@ TEST_CASE("the catalog's names and keys do not collide", "[recipe]") {
     if (info.role == kvc::RecipeInfo::Role::quantizer) quantizers.insert(info.name);
   }
   CHECK(scorers == std::set<std::string>{"full", "streaming", "h2o", "snapkv", "tova", "knorm",
-                                         "keydiff", "keyformer", "lazy", "cake"});
+                                         "keydiff", "keyformer", "lazy", "cake", "windowkv",
+                                         "duo"});
   CHECK(quantizers ==
         std::set<std::string>{"f32", "f16", "bf16", "int8", "q8_0", "q4_0", "fp8", "fp8_e5m2"});
   for (const std::string& name : scorers) CHECK(quantizers.count(name) == 0);
@@ -583,5 +680,5 @@ TEST_CASE("a registry of one's own adds a scorer without editing kvc", "[recipe]
   CHECK_THROWS_WITH(kvc::parse_recipe("h2o:budget=4", custom_recipes),
                     Catch::Contains("known: full, oldest (or a quantizer alone: f32)"));
   const auto catalog = kvc::recipe_catalog(custom_recipes);
-  CHECK(catalog.size() == 2 + 2 + 1);
+  CHECK(catalog.size() == 2 + std::tuple_size_v<decltype(kvc::recipe_planners)> + 1);
 }

@@ -43,12 +43,15 @@
 // call it from one TU. A registry listing only the policies you use compiles faster.
 #pragma once
 
+#include <kvc/budget/ada_kv.hpp>
+#include <kvc/budget/duo_attention.hpp>
 #include <kvc/budget/pyramid_kv.hpp>
 #include <kvc/budget/uniform.hpp>
 #include <kvc/core/error.hpp>
 #include <kvc/core/geometry.hpp>
 #include <kvc/core/kv_cache.hpp>
 #include <kvc/evict/cake_indicator.hpp>
+#include <kvc/evict/duo_attention.hpp>
 #include <kvc/evict/full.hpp>
 #include <kvc/evict/h2o.hpp>
 #include <kvc/evict/key_diff.hpp>
@@ -58,6 +61,7 @@
 #include <kvc/evict/snapkv.hpp>
 #include <kvc/evict/streaming_llm.hpp>
 #include <kvc/evict/tova.hpp>
+#include <kvc/evict/window_kv.hpp>
 #include <kvc/offload/none.hpp>
 #include <kvc/quant/dense.hpp>
 #include <kvc/quant/fp8.hpp>
@@ -294,6 +298,10 @@ class RecipeArguments {
 //   static std::optional<Budget> budget(const RecipeArguments&, std::optional<Budget> given);
 //       optional, scorers only: the budget the recipe means when parameters imply one
 //       (streaming: sink + window); `given` is the recipe's `budget=`, if any.
+//   static constexpr std::string_view planner;
+//   static Planner make_planner(const RecipeArguments&);
+//       optional, scorers only: the scorer needs its own planner (duo: retrieval heads keep
+//       every token), always the planner of that name, built from the scorer's arguments.
 // The primary template: no parameters, a default-constructed policy.
 template <class Policy>
 struct RecipeOptions {
@@ -349,6 +357,20 @@ class RecipePlanner {
 
   void plan_layer(const LayerPlan& plan, std::span<std::size_t> head_budgets) {
     std::visit([&](auto& planner) { planner.plan_layer(plan, head_budgets); }, planner_);
+  }
+
+  // PlansFromScores, when one of Planners is (AdaKV): whether the chosen one wants the
+  // scorer's scores. Other choices are planned exactly as without it (no scoring pass).
+  bool wants_scores() const noexcept requires(PlansFromScores<Planners> || ...) {
+    return std::visit(
+        [](const auto& planner) {
+          if constexpr (PlansFromScores<std::remove_cvref_t<decltype(planner)>>) {
+            return static_cast<bool>(planner.wants_scores());
+          } else {
+            return false;
+          }
+        },
+        planner_);
   }
 
  private:
@@ -412,6 +434,55 @@ struct RecipeOptions<evict::SnapKV> {
 };
 
 template <>
+struct RecipeOptions<evict::WindowKV> {
+  static constexpr std::array parameters{
+      RecipeParameter{"window", RecipeValue::count, "64",
+                      "observation window w, always kept, counted in the budget"},
+      RecipeParameter{"kernel", RecipeValue::count, "5", "pooling kernel (odd)"},
+      RecipeParameter{"pooling", RecipeValue::choice, "avg", "pooling of the window votes",
+                      "avg|max"},
+      RecipeParameter{"block", RecipeValue::count, "8",
+                      "c: consecutive positions per selection window"}};
+  static evict::WindowKV make(const RecipeArguments& args) {
+    return evict::WindowKV({.window = args.count("window"),
+                            .kernel = args.count("kernel"),
+                            .pooling = args.choice("pooling") == "max"
+                                           ? evict::WindowKV::Pooling::max
+                                           : evict::WindowKV::Pooling::avg,
+                            .block = args.count("block")});
+  }
+};
+
+// The roles of a recipe are a pattern (a roles file path does not fit the grammar, whose
+// values are numbers and choices, and make() does not see the geometry): head (l, h) is
+// retrieval when (l + h) % retrieval_every == 0. Calibrated roles: build the KvCache in
+// code (evict::HeadRoles::load, evict::calibrate_head_roles).
+template <>
+struct RecipeOptions<evict::DuoAttention> {
+  static constexpr std::array parameters{
+      RecipeParameter{"sink", RecipeValue::count, "64", "first positions a streaming head keeps"},
+      RecipeParameter{"recent", RecipeValue::count, "256",
+                      "newest tokens a streaming head keeps: budget = sink + recent (unless "
+                      "budget caps it lower)"},
+      RecipeParameter{"retrieval_every", RecipeValue::count, "2",
+                      "head (layer, h) is retrieval when (layer + h) % retrieval_every == 0"}};
+  static constexpr std::string_view planner = "duo";
+  static evict::DuoAttention make(const RecipeArguments& args) {
+    if (args.count("retrieval_every") == 0) args.fail("duo: retrieval_every is 0");
+    return evict::DuoAttention(evict::HeadRoles::alternating(args.count("retrieval_every")),
+                               {.sink = args.count("sink")});
+  }
+  static budget::DuoAttention make_planner(const RecipeArguments& args) {
+    return budget::DuoAttention(evict::HeadRoles::alternating(args.count("retrieval_every")),
+                                {.sink = args.count("sink"), .recent = args.count("recent")});
+  }
+  static std::optional<Budget> budget(const RecipeArguments& args, std::optional<Budget> given) {
+    if (given) return given;
+    return Budget::tokens(args.count("sink") + args.count("recent"));
+  }
+};
+
+template <>
 struct RecipeOptions<evict::Knorm> {
   static constexpr std::array parameters{
       RecipeParameter{"recent", RecipeValue::count, "0", "newest tokens always kept"}};
@@ -426,6 +497,15 @@ struct RecipeOptions<evict::KeyDiff> {
       RecipeParameter{"recent", RecipeValue::count, "0", "newest tokens always kept"}};
   static evict::KeyDiff make(const RecipeArguments& args) {
     return evict::KeyDiff({.recent = args.count("recent")});
+  }
+};
+
+template <>
+struct RecipeOptions<budget::AdaKV> {
+  static constexpr std::array parameters{RecipeParameter{
+      "alpha", RecipeValue::real, "0.2", "share of the budget each head keeps of its own (0..1)"}};
+  static budget::AdaKV make(const RecipeArguments& args) {
+    return budget::AdaKV({.alpha = args.real("alpha")});
   }
 };
 
@@ -452,11 +532,15 @@ inline constexpr std::tuple recipe_scorers{
     RecipeEntry<evict::KeyDiff>{"keydiff", "the keys least like the mean key direction"},
     RecipeEntry<evict::Keyformer>{"keyformer", "accumulated Gumbel-regularized attention"},
     RecipeEntry<evict::LazyEviction>{"lazy", "tokens due to recur (recurrence intervals)"},
-    RecipeEntry<evict::CakeIndicator>{"cake", "window attention mean + 200·variance (observe)"}};
+    RecipeEntry<evict::CakeIndicator>{"cake", "window attention mean + 200·variance (observe)"},
+    RecipeEntry<evict::WindowKV>{"windowkv", "whole 8-token windows by summed SnapKV votes"},
+    RecipeEntry<evict::DuoAttention>{"duo", "retrieval heads keep all, others sink + recent"}};
 
 inline constexpr std::tuple recipe_planners{
     RecipeEntry<budget::Uniform>{"uniform", "the same budget for every layer (the default)"},
-    RecipeEntry<budget::PyramidKV>{"pyramid", "PyramidKV: budgets shrinking linearly with depth"}};
+    RecipeEntry<budget::PyramidKV>{"pyramid", "PyramidKV: budgets shrinking linearly with depth"},
+    RecipeEntry<budget::DuoAttention>{"duo", "DuoAttention: retrieval heads all, others 64 + 256"},
+    RecipeEntry<budget::AdaKV>{"adakv", "AdaKV: a layer's budget split across heads by score"}};
 
 // Bytes per token and kv head, K + V, at head_dim d.
 inline constexpr std::tuple recipe_quantizers{
@@ -557,6 +641,8 @@ struct PolicyInfo {
   void (*validate)(const RecipeArguments&) = nullptr;
   // RecipeOptions::budget, or the identity.
   std::optional<Budget> (*budget)(const RecipeArguments&, std::optional<Budget>) = nullptr;
+  // RecipeOptions::planner: the planner this scorer always uses; "" = any (the recipe's).
+  std::string_view planner = {};
 };
 
 template <class Policy>
@@ -565,8 +651,20 @@ concept ImpliesBudget = requires(const RecipeArguments& args, std::optional<Budg
 };
 
 template <class Policy>
+concept BringsPlanner = requires {
+  { RecipeOptions<Policy>::planner } -> std::convertible_to<std::string_view>;
+};
+
+// The scorer's RecipeOptions builds `Planner` itself (make_planner).
+template <class Scorer, class Planner>
+concept MakesPlanner = requires(const RecipeArguments& args) {
+  { RecipeOptions<Scorer>::make_planner(args) } -> std::same_as<Planner>;
+};
+
+template <class Policy>
 PolicyInfo policy_info(const RecipeEntry<Policy>& entry) {
   PolicyInfo info{entry.name, entry.summary, entry.fixed, RecipeOptions<Policy>::parameters};
+  if constexpr (BringsPlanner<Policy>) info.planner = RecipeOptions<Policy>::planner;
   if constexpr (EvictionScorer<Policy>) info.evicts = Policy::evicts;
   info.validate = [](const RecipeArguments& args) { (void)RecipeOptions<Policy>::make(args); };
   info.budget = [](const RecipeArguments& args, std::optional<Budget> given) {
@@ -894,6 +992,15 @@ ParsedRecipe parse(std::string_view recipe, const Registry& registry) {
   parsed.evicts = scorer_info.evicts;
   spec.scorer = scorer_info.name;
   spec.planner = planners[0].name;
+  if (!scorer_info.planner.empty()) {
+    const auto own = find_name(planners, scorer_info.planner);
+    if (!own) {
+      fail<ValueError>("scorer '{}' needs planner '{}', which this registry lacks (recipe '{}')",
+                       scorer_info.name, scorer_info.planner, recipe);
+    }
+    parsed.planner = *own;
+    spec.planner = planners[*own].name;
+  }
 
   if (!scorer_info.evicts && !scorer_part.settings.empty()) {
     const std::string_view key = scorer_part.settings.front().first;
@@ -911,6 +1018,10 @@ ParsedRecipe parse(std::string_view recipe, const Registry& registry) {
     if (!planner) {
       fail<ValueError>("unknown planner '{}' in recipe '{}'; known: {}", value, recipe,
                        known_names(planners));
+    }
+    if (!scorer_info.planner.empty() && value != scorer_info.planner) {
+      fail<ValueError>("scorer '{}' always uses planner '{}'; drop planner={} from recipe '{}'",
+                       scorer_info.name, scorer_info.planner, value, recipe);
     }
     parsed.planner = *planner;
     spec.planner = planners[*planner].name;
@@ -1039,7 +1150,12 @@ std::unique_ptr<AnyCache> build(const Registry& registry, const ParsedRecipe& pa
         auto planner = visit_row<std::optional<Planner>>(
             registry.planners, parsed.planner, [&](const auto& entry) {
               using Chosen = entry_policy<decltype(entry)>;
-              return std::optional<Planner>(Planner(RecipeOptions<Chosen>::make(planner_args)));
+              if constexpr (MakesPlanner<Scorer, Chosen>) {
+                return std::optional<Planner>(
+                    Planner(RecipeOptions<Scorer>::make_planner(scorer_args)));
+              } else {
+                return std::optional<Planner>(Planner(RecipeOptions<Chosen>::make(planner_args)));
+              }
             });
         return std::make_unique<CacheModel<Cache>>(
             std::move(text), geometry, options, std::move(scorer_policy), std::move(quant_policy),
@@ -1114,11 +1230,17 @@ std::vector<RecipeInfo> recipe_catalog(const Registry& registry = default_recipe
            "tokens kept per (layer, kv head): a count, or a ratio of the tokens seen in (0, 1]; "
            "required unless CacheOptions::budget is set",
            ""});
-      info.parameters.push_back({"planner", RecipeValue::choice, std::string(planners[0].name),
-                                 "how the budget splits across layers",
-                                 detail::join(planners, "|", [](const detail::PolicyInfo& p) {
-                                   return std::string(p.name);
-                                 })});
+      if (!scorer.planner.empty()) {
+        info.parameters.push_back({"planner", RecipeValue::choice, std::string(scorer.planner),
+                                   "this scorer's own planner (the only choice)",
+                                   std::string(scorer.planner)});
+      } else {
+        info.parameters.push_back({"planner", RecipeValue::choice, std::string(planners[0].name),
+                                   "how the budget splits across layers",
+                                   detail::join(planners, "|", [](const detail::PolicyInfo& p) {
+                                     return std::string(p.name);
+                                   })});
+      }
       info.example += ":budget=0.5";
     }
     for (const RecipeParameter& parameter : scorer.parameters) {
