@@ -365,24 +365,8 @@ BENCHMARK(BM_attend_kvc<kvc::quant::Fp8E5M2>)
     ->Unit(benchmark::kMicrosecond);
 
 int main(int argc, char** argv) {
-  benchmark::AddCustomContext("cpu", kvc::bench::cpu_model());
-  benchmark::AddCustomContext("simd_arch", std::string(kvc::simd::arch_name()));
-  benchmark::AddCustomContext("kvc_version", fmt::format("{}.{}.{}", kvc::version_major,
-                                                         kvc::version_minor, kvc::version_patch));
-  benchmark::AddCustomContext("compiler", fmt::format("{} {}",
-#if defined(__clang__)
-                                                      "clang",
-#else
-                                                      "gcc",
-#endif
-                                                      __VERSION__));
-  benchmark::AddCustomContext("page_tokens", std::to_string(kvc::CacheOptions{}.page_tokens));
-  benchmark::AddCustomContext("shape", fmt::format("layers 1, kv_heads {}, head_dim {}, "
-                                                   "prefill chunk {}",
-                                                   kv_heads, head_dim, prefill_chunk));
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return kvc::bench::run_benchmarks(argc, argv,
+                                    fmt::format("layers 1, kv_heads {}, head_dim {}, "
+                                                "prefill chunk {}",
+                                                kv_heads, head_dim, prefill_chunk));
 }

@@ -247,25 +247,9 @@ int main(int argc, char** argv) {
   add<kvc::evict::CakeIndicator>("CakeIndicator");
   add<kvc::evict::External>("External");
 
-  benchmark::AddCustomContext("cpu", kvc::bench::cpu_model());
-  benchmark::AddCustomContext("simd_arch", std::string(kvc::simd::arch_name()));
-  benchmark::AddCustomContext("kvc_version", fmt::format("{}.{}.{}", kvc::version_major,
-                                                         kvc::version_minor, kvc::version_patch));
-  benchmark::AddCustomContext("compiler", fmt::format("{} {}",
-#if defined(__clang__)
-                                                      "clang",
-#else
-                                                      "gcc",
-#endif
-                                                      __VERSION__));
-  benchmark::AddCustomContext("page_tokens", std::to_string(kvc::CacheOptions{}.page_tokens));
-  benchmark::AddCustomContext(
-      "shape", fmt::format("layers 1, kv_heads {}, head_dim {}, group {}, context {}, decode "
-                           "buffer {}, {} steps",
-                           kv_heads, head_dim, group, shape.context, shape.slack, shape.steps()));
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return kvc::bench::run_benchmarks(
+      argc, argv,
+      fmt::format("layers 1, kv_heads {}, head_dim {}, group {}, context {}, decode "
+                  "buffer {}, {} steps",
+                  kv_heads, head_dim, group, shape.context, shape.slack, shape.steps()));
 }
