@@ -70,14 +70,8 @@ class CakeIndicator : public detail::WindowVotes {
   void on_append(HeadState&, const AppendEvent&) const noexcept {}
 
   void on_observe(HeadState& state, const ObserveEvent& event) const {
-    constexpr float keep = std::numeric_limits<float>::infinity();
-    const std::size_t n = event.tokens;
-    state.observed.assign(n, keep);
-    if (event.window == 0 || event.query_rows == 0) return;
-    const std::size_t window = std::min(options_.window, event.window);
-    const std::size_t prefix = n > window ? n - window : 0;
+    const auto [n, window, prefix, group] = detail::begin_votes(state, event, options_.window);
     if (prefix == 0) return;
-    const std::size_t group = event.query_rows / event.window;
 
     std::vector<double> sum(prefix), square(prefix), indicator(prefix), group_sum(prefix, 0.0);
     const auto rows = static_cast<double>(window);

@@ -52,6 +52,25 @@ class WindowVotes {
   }
 };
 
+// What a window-vote scorer reads of an ObserveEvent: the last `window` (≤ the policy's
+// window) rows of each of the `group` query heads, over the `prefix` tokens before the
+// window, of `tokens` in all. Marks every slot observed and kept (+inf) first, so the
+// window, and every slot when prefix is 0, stays.
+struct VoteRows {
+  std::size_t tokens = 0, window = 0, prefix = 0, group = 0;
+};
+
+inline VoteRows begin_votes(WindowVotesState& state, const ObserveEvent& event,
+                            std::size_t max_window) {
+  VoteRows rows{.tokens = event.tokens};
+  state.observed.assign(event.tokens, std::numeric_limits<float>::infinity());
+  if (event.window == 0 || event.query_rows == 0) return rows;
+  rows.window = std::min(max_window, event.window);
+  rows.prefix = event.tokens > rows.window ? event.tokens - rows.window : 0;
+  rows.group = event.query_rows / event.window;
+  return rows;
+}
+
 // out[t] += pool(x)[t], same length, stride 1, padding kernel / 2 (kernel odd). Average
 // pooling pads with zeros and divides by the full kernel at the edges too
 // (count_include_pad); max pooling pads with −inf.
