@@ -663,3 +663,112 @@ TEST_CASE("eviction slack lets decode run over budget before compressing back",
   cache.compress(seq);    // explicit compression ignores the slack
   CHECK(cache.tokens(seq, 0, 0) == 20);
 }
+
+TEST_CASE("a sequence's own budget overrides the cache's and forks inherit it",
+          "[kv_cache][budget]") {
+  const kvc::Geometry geometry{.layers = 2, .q_heads = 2, .kv_heads = 1, .head_dim = 16};
+  std::mt19937 rng(21);
+  kvc::KvCache<kvc::evict::StreamingLLM> cache(
+      geometry, {.budget = kvc::Budget::tokens(24), .page_tokens = 8});
+  const auto wide = cache.open_sequence();
+  const auto narrow = cache.open_sequence();
+  cache.set_budget(narrow, kvc::Budget::tokens(10));
+  CHECK(cache.budget(wide).token_count() == 24);
+  CHECK(cache.budget(narrow).token_count() == 10);
+  const Tensor3 k = random_tensor(rng, 1, 40, 16);
+  const Tensor3 v = random_tensor(rng, 1, 40, 16);
+  for (const auto seq : {wide, narrow}) {
+    for (std::size_t layer = 0; layer < 2; ++layer) append_tensors(cache, seq, layer, k, v);
+    cache.compress(seq);
+  }
+  for (std::size_t layer = 0; layer < 2; ++layer) {
+    CHECK(cache.tokens(wide, layer, 0) == 24);
+    CHECK(cache.tokens(narrow, layer, 0) == 10);
+  }
+  // The narrow sequence holds 2 pages per layer (10 tokens), the wide one 3 (24 tokens).
+  CHECK(cache.stats(narrow).pages_in_use == 4);
+  CHECK(cache.stats(wide).pages_in_use == 6);
+
+  const auto child = cache.fork(narrow);
+  CHECK(cache.budget(child).token_count() == 10);
+  cache.set_budget(child, kvc::Budget::ratio(0.5));
+  Tensor3 out(2, 1, 16);
+  for (const auto seq : {narrow, child}) {
+    cache.append(seq, 0, random_tensor(rng, 1, 1, 16).view(), random_tensor(rng, 1, 1, 16).view());
+    cache.attend(seq, 0, random_tensor(rng, 2, 1, 16).view(), out.mutable_view());
+  }
+  CHECK(cache.tokens(narrow, 0, 0) == 10);
+  CHECK(cache.tokens(child, 0, 0) == 11);  // 10 + 1 new ≤ ceil(0.5 · 41) = 21: kept
+  cache.set_budget(child, kvc::Budget::ratio(0.1));
+  cache.compress(child);
+  CHECK(cache.tokens(child, 0, 0) == 5);  // ceil(0.1 · 41)
+  CHECK(cache.tokens(child, 1, 0) == 4);  // ceil(0.1 · 40)
+  CHECK(cache.tokens(narrow, 1, 0) == 10);
+
+  // A closed slot reused by a new sequence starts from the cache's budget again.
+  cache.close(narrow);
+  const auto reused = cache.open_sequence();
+  CHECK(cache.budget(reused).token_count() == 24);
+
+  kvc::KvCache<> keep_all(geometry);
+  const auto seq = keep_all.open_sequence();
+  CHECK_THROWS_AS(keep_all.set_budget(seq, kvc::Budget::tokens(4)), kvc::BudgetError);
+  keep_all.set_budget(seq, kvc::Budget::unlimited());
+  CHECK_THROWS_AS(cache.set_budget(narrow, kvc::Budget::tokens(4)), kvc::SequenceError);
+}
+
+TEST_CASE("a query buffer re-scores query-aware scorers at decode compressions",
+          "[kv_cache][budget][decode]") {
+  // DecodingPress semantics: with query_buffer = w and eviction_slack = s, every s + 1
+  // decode steps past the budget each head is compressed with the last w attended queries
+  // as the observation window. Reference: the same cache without a buffer, where the host
+  // calls observe() with those queries itself before compressing.
+  const std::size_t buffer = GENERATE(3, 8);
+  CAPTURE(buffer);
+  const kvc::Geometry geometry{.layers = 1, .q_heads = 4, .kv_heads = 2, .head_dim = 16};
+  const kvc::evict::SnapKV scorer({.window = 4, .kernel = 3});
+  const kvc::CacheOptions base{
+      .budget = kvc::Budget::tokens(12), .page_tokens = 8, .eviction_slack = 3};
+  kvc::CacheOptions buffered = base;
+  buffered.query_buffer = buffer;
+  kvc::CacheOptions manual = base;
+  manual.auto_compress = false;
+  kvc::KvCache<kvc::evict::SnapKV> automatic(geometry, buffered, scorer);
+  kvc::KvCache<kvc::evict::SnapKV> host(geometry, manual, scorer);
+  const auto a = automatic.open_sequence();
+  const auto b = host.open_sequence();
+
+  std::mt19937 rng(77);
+  const std::size_t prompt = 10, steps = 25, total = prompt + steps;
+  const Tensor3 k = random_tensor(rng, 2, total, 16);
+  const Tensor3 v = random_tensor(rng, 2, total, 16);
+  const Tensor3 q = random_tensor(rng, 4, total, 16, 2.0F);
+  Tensor3 out_a(4, prompt, 16), out_b(4, prompt, 16);
+  automatic.append(a, 0, k.slice(0, prompt), v.slice(0, prompt));
+  host.append(b, 0, k.slice(0, prompt), v.slice(0, prompt));
+  automatic.attend(a, 0, q.slice(0, prompt), out_a.mutable_view());
+  host.attend(b, 0, q.slice(0, prompt), out_b.mutable_view());
+  std::size_t compressions = 0;
+  for (std::size_t t = prompt; t < total; ++t) {
+    Tensor3 step_a(4, 1, 16), step_b(4, 1, 16);
+    automatic.append(a, 0, k.slice(t, 1), v.slice(t, 1));
+    automatic.attend(a, 0, q.slice(t, 1), step_a.mutable_view());
+    host.append(b, 0, k.slice(t, 1), v.slice(t, 1));
+    host.attend(b, 0, q.slice(t, 1), step_b.mutable_view());
+    if (host.tokens(b, 0, 0) > 12 + 3 || host.tokens(b, 0, 1) > 12 + 3) {
+      const std::size_t window = std::min(buffer, t + 1);
+      host.observe(b, 0, q.slice(t + 1 - window, window));
+      host.compress(b);
+      ++compressions;
+    }
+    for (std::size_t h = 0; h < 2; ++h) {
+      CAPTURE(t, h);
+      REQUIRE(automatic.positions(a, 0, h) == host.positions(b, 0, h));
+      CHECK(automatic.tokens(a, 0, h) <= 12 + 3);
+    }
+    CHECK(step_a.data == step_b.data);
+  }
+  CHECK(compressions >= 5);
+  // The ring is metadata: q_heads × buffer × head_dim floats.
+  CHECK(automatic.stats(a).metadata_bytes >= host.stats(b).metadata_bytes + 4 * buffer * 16 * 4);
+}

@@ -96,6 +96,13 @@ concept ScoresStoredKeys = requires {
   requires static_cast<bool>(S::scores_stored_keys);
 };
 
+// Optional: merge evicted tokens into the survivors instead of dropping them (D2O, CAM).
+// Runs after the kept set is chosen and before the head is compacted.
+template <class S>
+concept MergesEvicted = requires(S& scorer, typename S::HeadState& state, const MergeEvent& event) {
+  scorer.merge(state, event);
+};
+
 template <class S>
 concept EvictionScorer = NamedPolicy<S> && HasHeadState<S> && DeclaresEviction<S> &&
     TracksAppends<S> && ScoresTokens<S> && CompactsState<S>;
@@ -119,8 +126,56 @@ concept PlansFromScores = requires(const P& planner) {
   { planner.wants_scores() } -> std::convertible_to<bool>;
 };
 
+// Optional: per-sequence planner state that the cache stores with each sequence (copied on
+// fork) and hands to every call — CAKE's layer preferences, PrefixKV's layer budgets.
+// Such a planner plans with plan_layer(plan, state, out).
 template <class P>
-concept BudgetPlanner = NamedPolicy<P> && PlansLayers<P>;
+concept HasSequenceState = requires {
+  typename P::SequenceState;
+}
+&&std::default_initializable<typename P::SequenceState>&& std::copyable<typename P::SequenceState>;
+
+template <class P>
+concept PlansLayersWithState = HasSequenceState<P> &&
+    requires(P& planner, const LayerPlan& plan, const typename P::SequenceState& state,
+             std::span<std::size_t> out) {
+  planner.plan_layer(plan, state, out);
+};
+
+// Optional (with a SequenceState): the planner sees the window attention observe() computes
+// for every kv head (CAKE measures each layer's dispersion and shift there).
+template <class P>
+concept ObservesLayers = HasSequenceState<P> &&
+    requires(P& planner, typename P::SequenceState& state, const ObserveEvent& event) {
+  planner.on_observe(state, event);
+};
+
+// Optional (with a SequenceState): the planner splits the budget across layers from every
+// layer's scores at once (PrefixKV). When wants_sequence_plan(state, layer) answers true
+// for the layer being compressed, the cache scores every kv head of every layer, calls
+// plan_sequence (which records its split in the state), then compresses every layer with
+// plan_layer(plan-with-scores, state, out).
+template <class P>
+concept PlansSequence = HasSequenceState<P> &&
+    requires(P& planner, typename P::SequenceState& state, const SequencePlan& plan,
+             std::size_t layer) {
+  {
+    std::as_const(planner).wants_sequence_plan(std::as_const(state), layer)
+    } -> std::convertible_to<bool>;
+  planner.plan_sequence(state, plan);
+};
+
+// Optional flag `static constexpr bool cascades = true;`: after compressing a layer, the
+// cache also compresses every earlier layer of the sequence that the new plan puts over
+// budget (CAKE's cascading prefill: each new layer re-splits the budget among the layers
+// seen so far and the earlier ones shrink to their new share at once).
+template <class P>
+concept Cascades = requires {
+  requires static_cast<bool>(P::cascades);
+};
+
+template <class P>
+concept BudgetPlanner = NamedPolicy<P> &&(PlansLayers<P> || PlansLayersWithState<P>);
 
 // ---------------------------------------------------------------------------------------
 // Quantizer: how kept tokens are encoded, and the fused kernels over that encoding.
@@ -163,6 +218,24 @@ concept FusedAttendKernels = requires(const Q& quantizer, const ScoreTile& score
 template <class Q>
 concept BoundsMagnitude = requires {
   { Q::max_magnitude() } -> std::convertible_to<float>;
+};
+
+// Optional: a transform of the query rows the format needs before any score tile (a
+// rotation, a channel permutation). It runs once per attend block (rows = GQA group ×
+// query tokens, already scaled by 1/sqrt(d)) and once per observe call, after the retrieval
+// index picked its pages, so its cost is per query row, never per stored token.
+template <class Q>
+concept PreparesQueries = requires(const Q& quantizer, float* queries, std::size_t rows,
+                                   std::size_t head_dim) {
+  quantizer.prepare_queries(queries, rows, head_dim);
+};
+
+// Optional: the inverse transform on the attention output rows (Σ_j p_j·value(j) in the
+// format's space), once per attend block before the rows are written out.
+template <class Q>
+concept FinishesOutputs = requires(const Q& quantizer, float* outputs, std::size_t rows,
+                                   std::size_t head_dim) {
+  quantizer.finish_outputs(outputs, rows, head_dim);
 };
 
 template <class Q>

@@ -80,6 +80,30 @@ struct LayerPlan {
   std::span<const std::span<const float>> scores{};
 };
 
+// Asked of a planner that plans a whole sequence at once (PlansSequence: PrefixKV): one
+// LayerPlan per layer, each with its scores filled (every kv head scored).
+struct SequencePlan {
+  Geometry geometry{};
+  std::span<const LayerPlan> layers{};
+};
+
+// Handed to a scorer that merges evicted tokens into kept ones (MergesEvicted: D2O) when a
+// head is compressed: every stored token of the head decoded to fp32, and which survive.
+// The scorer may rewrite the key and value rows of kept slots; it must set changed[slot]
+// for each row it rewrote, and the cache re-encodes exactly those (into copy-on-write
+// copies of shared pages). Rewritten rows must stay finite and within the quantizer's
+// range (a weighted mean of stored rows does).
+struct MergeEvent {
+  std::size_t layer = 0;
+  std::size_t kv_head = 0;
+  std::span<float> keys{};                // [tokens][head_dim]
+  std::span<float> values{};              // [tokens][head_dim]
+  std::span<const std::uint32_t> kept{};  // surviving slots, ascending
+  std::span<const Position> positions{};  // per stored slot
+  std::size_t head_dim = 0;
+  std::span<std::uint8_t> changed{};  // per stored slot, all 0 on entry
+};
+
 // One page tile handed to a quantizer's fused score kernel:
 // scores[r * scores_stride + j] = queries[r] · key(j) for r < rows, j < tokens.
 // The queries are fp32, [rows][head_dim] contiguous, already multiplied by 1/sqrt(d).

@@ -106,6 +106,14 @@ struct CacheOptions {
   // papers specify; a slack of s amortizes the compaction (which shifts the kept tokens)
   // over s + 1 steps at the price of s extra tokens per head. compress() ignores it.
   std::size_t eviction_slack = 0;
+  // For scorers that observe queries (SnapKV, CAKE, WindowKV, ...): attend() keeps the last
+  // `query_buffer` query tokens of each layer (fp32, q_heads × query_buffer × head_dim
+  // floats per layer and sequence, counted in stats().metadata_bytes), and every
+  // compression observes them first. With eviction_slack = N this is kvpress's
+  // DecodingPress: every N decode steps each layer is squeezed back to budget, scored with
+  // the window of the last `query_buffer` queries, and the host never calls observe()
+  // during decode. 0 (default): only the host's observe() calls feed the scorer.
+  std::size_t query_buffer = 0;
 };
 
 }  // namespace kvc

@@ -45,12 +45,26 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <span>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 namespace kvc {
+
+namespace detail {
+// The planner's per-sequence state, or nothing.
+struct NoSequenceState {};
+template <class Planner>
+struct sequence_state {
+  using type = NoSequenceState;
+};
+template <HasSequenceState Planner>
+struct sequence_state<Planner> {
+  using type = typename Planner::SequenceState;
+};
+}  // namespace detail
 
 // A handle to one sequence of a cache. The generation makes a handle to a closed (and
 // possibly reused) slot detectable.
@@ -113,7 +127,9 @@ class KvCache {
   SequenceId open_sequence() {
     const std::uint32_t slot = free_slot();
     Sequence& sequence = sequences_[slot];
-    sequence.layers.assign(geometry_.layers, Layer{std::vector<Head>(geometry_.kv_heads), 0});
+    Layer empty;
+    empty.heads.resize(geometry_.kv_heads);
+    sequence.layers.assign(geometry_.layers, empty);
     sequence.open = true;
     return {slot, sequence.generation};
   }
@@ -123,9 +139,13 @@ class KvCache {
   SequenceId fork(SequenceId parent) {
     const Sequence& source = checked(parent, "fork");
     std::vector<Layer> layers = source.layers;  // may throw: nothing changed yet
+    PlannerState planner_state = source.planner_state;
+    const std::optional<Budget> budget = source.budget;
     const std::uint32_t slot = free_slot();
     Sequence& child = sequences_[slot];
     child.layers = std::move(layers);
+    child.planner_state = std::move(planner_state);
+    child.budget = budget;
     child.open = true;
     for (const Layer& layer : child.layers) {
       for (const Head& head : layer.heads) {
@@ -144,6 +164,8 @@ class KvCache {
       }
     }
     sequence.layers = {};
+    sequence.planner_state = {};
+    sequence.budget.reset();
     sequence.open = false;
     ++sequence.generation;
     free_slots_.push_back(id.slot);
@@ -155,6 +177,22 @@ class KvCache {
   }
 
   std::size_t sequence_count() const noexcept { return sequences_.size() - free_slots_.size(); }
+
+  // A budget for this sequence alone, in place of options().budget (forks inherit it). It
+  // takes effect at the sequence's next compression: the next over-budget append/attend
+  // with auto_compress, or compress().
+  void set_budget(SequenceId id, Budget budget) {
+    Sequence& sequence = checked(id, "set_budget");
+    if (!Scorer::evicts && !budget.is_unlimited()) {
+      detail::fail<BudgetError>(
+          "set_budget: sequence {} gets a budget but scorer '{}' never evicts", id.slot,
+          Scorer::name());
+    }
+    sequence.budget = budget;
+  }
+
+  // The budget this sequence is compressed to: its own, else the cache's.
+  Budget budget(SequenceId id) const { return budget_of(checked(id, "budget")); }
 
   // ---- append ---------------------------------------------------------------------------
 
@@ -183,7 +221,7 @@ class KvCache {
                           store.tokens_seen + count);
     }
 
-    if (options_.auto_compress && over_budget(store, layer)) compress_layer(store, layer);
+    if (options_.auto_compress && over_budget(sequence, layer)) compress_layer(sequence, layer);
 
     // Reserve every page and buffer first: after this point nothing below can throw.
     std::size_t pages_needed = 0;
@@ -238,36 +276,7 @@ class KvCache {
     check_layer(layer, "observe");
     Layer& store = sequence.layers[layer];
     check_queries(q_window, store, "observe");
-    if constexpr (ObservesQueries<Scorer>) {
-      const std::size_t window = q_window.extent(1);
-      const std::size_t group = geometry_.group_size();
-      const std::size_t rows = group * window;
-      for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
-        Head& head = store.heads[h];
-        const std::size_t n = head.tokens;
-        load_queries(q_window, h, 0, window);
-        weights_.assign(rows * n, -std::numeric_limits<float>::infinity());
-        const auto visible = visible_counts(head, store.tokens_seen, 0, window, window);
-        for (std::size_t p = 0; p < head.pages.size(); ++p) {
-          const std::size_t first = p * options_.page_tokens;
-          const std::size_t tokens = std::min(options_.page_tokens, n - first);
-          quantizer_.score_tile(ScoreTile{queries_.data(), rows, pool_.data(head.pages[p]), tokens,
-                                          geometry_.head_dim, weights_.data() + first, n,
-                                          tile_scratch_.data(), /*exact=*/true});
-        }
-        for (std::size_t r = 0; r < rows; ++r) {
-          float* row = weights_.data() + r * n;
-          const std::size_t seen = visible[r % window];
-          std::fill(row + seen, row + n, -std::numeric_limits<float>::infinity());
-          const float shift = simd::max_value(row, seen);
-          const float total = simd::exp_shift_sum(row, n, shift);
-          simd::scale(total > 0.0F ? 1.0F / total : 0.0F, row, n);
-        }
-        scorer_.on_observe(head.scorer_state,
-                           ObserveEvent{layer, h, std::span<const float>(weights_.data(), rows * n),
-                                        rows, window, n});
-      }
-    }
+    observe_window(sequence, layer, q_window, store.tokens_seen);
   }
 
   // ---- attend ---------------------------------------------------------------------------
@@ -300,22 +309,30 @@ class KvCache {
                                                                count * geometry_.group_size()});
       }
     }
-    if (options_.auto_compress && over_budget(store, layer)) compress_layer(store, layer);
+    if constexpr (ObservesQueries<Scorer>) {
+      if (options_.query_buffer > 0) buffer_queries(store, q);
+    }
+    if (options_.auto_compress && over_budget(sequence, layer)) compress_layer(sequence, layer);
   }
 
   // ---- compression ----------------------------------------------------------------------
 
+  // Compresses every layer to budget (a planner with PlansSequence plans them together).
   void compress(SequenceId id) {
     Sequence& sequence = checked(id, "compress");
-    for (std::size_t layer = 0; layer < geometry_.layers; ++layer) {
-      compress_layer(sequence.layers[layer], layer);
+    if constexpr (Scorer::evicts && PlansSequence<Planner>) {
+      compress_sequence(sequence);
+    } else {
+      for (std::size_t layer = 0; layer < geometry_.layers; ++layer) {
+        compress_layer(sequence, layer);
+      }
     }
   }
 
   void compress(SequenceId id, std::size_t layer) {
     Sequence& sequence = checked(id, "compress");
     check_layer(layer, "compress");
-    compress_layer(sequence.layers[layer], layer);
+    compress_layer(sequence, layer);
   }
 
   // Drops every token at position ≥ `length` from every layer, and the next append
@@ -343,6 +360,7 @@ class KvCache {
         if constexpr (!Index::reads_all) index_.on_compact(head.index_state, kept_);
       }
       store.tokens_seen = length;
+      store.buffered_queries = 0;  // their positions may be gone
     }
   }
 
@@ -377,6 +395,11 @@ class KvCache {
     check_layer(layer, "scorer_state");
     check_kv_head(kv_head, "scorer_state");
     return sequence.layers[layer].heads[kv_head].scorer_state;
+  }
+
+  // The planner's state for one sequence (CAKE's layer preferences, PrefixKV's split).
+  const auto& planner_state(SequenceId id) const requires HasSequenceState<Planner> {
+    return checked(id, "planner_state").planner_state;
   }
 
   // The stored K/V of one layer decoded to fp32, for hosts that bring their own kernel.
@@ -442,15 +465,29 @@ class KvCache {
     typename Scorer::HeadState scorer_state{};
     typename Index::HeadState index_state{};
   };
+  using PlannerState = typename detail::sequence_state<Planner>::type;
+
   struct Layer {
     std::vector<Head> heads;
     std::size_t tokens_seen = 0;
+    // CacheOptions::query_buffer: the last queries attend() saw, a ring of
+    // [q_heads][query_buffer][head_dim] fp32 (allocated on first use), the newest at
+    // position tokens_seen − 1 when buffered_queries > 0.
+    std::vector<float> query_ring{};
+    std::size_t buffered_queries = 0;
+    std::size_t ring_next = 0;  // ring row the next query goes to
   };
   struct Sequence {
     std::vector<Layer> layers;
+    [[no_unique_address]] PlannerState planner_state{};
+    std::optional<Budget> budget{};
     std::uint32_t generation = 0;
     bool open = false;
   };
+
+  const Budget& budget_of(const Sequence& sequence) const noexcept {
+    return sequence.budget ? *sequence.budget : options_.budget;
+  }
 
   static std::size_t round_up(std::size_t bytes) noexcept {
     return (bytes + page_alignment - 1) / page_alignment * page_alignment;
@@ -732,6 +769,8 @@ class KvCache {
                            pages_to_read_.end());
     }
 
+    if constexpr (PreparesQueries<Quant>) quantizer_.prepare_queries(queries_.data(), rows, d);
+
     // Pages are scored in runs of up to `run_tokens` tokens, then one online-softmax
     // update per row covers the whole run, then the run's values are accumulated: each page
     // is still read once, and the per-row softmax bookkeeping is amortized over many pages.
@@ -800,6 +839,7 @@ class KvCache {
       begin = end;
     }
 
+    if constexpr (FinishesOutputs<Quant>) quantizer_.finish_outputs(accumulator_.data(), rows, d);
     for (std::size_t r = 0; r < rows; ++r) {
       const std::size_t g = r / count;
       const std::size_t t = r % count;
@@ -817,13 +857,112 @@ class KvCache {
     }
   }
 
-  bool over_budget(const Layer& store, std::size_t layer) {
+  // ---- observation windows ------------------------------------------------------------
+
+  // The softmax of the window queries (the last q_window.extent(1) positions before `end`)
+  // over every stored key of each kv head, handed to the scorer and/or the planner that
+  // observe queries.
+  template <class T>
+  void observe_window(Sequence& sequence, std::size_t layer, const View<T, 3>& q_window,
+                      std::size_t end) {
+    if constexpr (ObservesQueries<Scorer> || ObservesLayers<Planner>) {
+      Layer& store = sequence.layers[layer];
+      const std::size_t window = q_window.extent(1);
+      const std::size_t group = geometry_.group_size();
+      const std::size_t rows = group * window;
+      for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
+        Head& head = store.heads[h];
+        const std::size_t n = head.tokens;
+        load_queries(q_window, h, 0, window);
+        if constexpr (PreparesQueries<Quant>) {
+          quantizer_.prepare_queries(queries_.data(), rows, geometry_.head_dim);
+        }
+        weights_.assign(rows * n, -std::numeric_limits<float>::infinity());
+        const auto visible = visible_counts(head, end, 0, window, window);
+        for (std::size_t p = 0; p < head.pages.size(); ++p) {
+          const std::size_t first = p * options_.page_tokens;
+          const std::size_t tokens = std::min(options_.page_tokens, n - first);
+          quantizer_.score_tile(ScoreTile{queries_.data(), rows, pool_.data(head.pages[p]), tokens,
+                                          geometry_.head_dim, weights_.data() + first, n,
+                                          tile_scratch_.data(), /*exact=*/true});
+        }
+        for (std::size_t r = 0; r < rows; ++r) {
+          float* row = weights_.data() + r * n;
+          const std::size_t seen = visible[r % window];
+          std::fill(row + seen, row + n, -std::numeric_limits<float>::infinity());
+          const float shift = simd::max_value(row, seen);
+          const float total = simd::exp_shift_sum(row, n, shift);
+          simd::scale(total > 0.0F ? 1.0F / total : 0.0F, row, n);
+        }
+        const ObserveEvent event{layer, h,      std::span<const float>(weights_.data(), rows * n),
+                                 rows,  window, n};
+        if constexpr (ObservesQueries<Scorer>) scorer_.on_observe(head.scorer_state, event);
+        if constexpr (ObservesLayers<Planner>) planner_.on_observe(sequence.planner_state, event);
+      }
+    } else {
+      (void)sequence;
+      (void)layer;
+      (void)q_window;
+      (void)end;
+    }
+  }
+
+  // CacheOptions::query_buffer: keeps the newest `query_buffer` query tokens of this attend
+  // call in the layer's ring (the oldest leave it).
+  template <class T>
+  void buffer_queries(Layer& store, const View<T, 3>& q) {
+    const std::size_t capacity = options_.query_buffer;
+    const std::size_t d = geometry_.head_dim;
+    const std::size_t count = q.extent(1);
+    store.query_ring.resize(geometry_.q_heads * capacity * d);
+    const std::size_t first = count > capacity ? count - capacity : 0;
+    for (std::size_t t = first; t < count; ++t) {
+      for (std::size_t head = 0; head < geometry_.q_heads; ++head) {
+        simd::convert(q.pointer(head, t),
+                      store.query_ring.data() + (head * capacity + store.ring_next) * d, d);
+      }
+      store.ring_next = (store.ring_next + 1) % capacity;
+    }
+    store.buffered_queries = std::min(capacity, store.buffered_queries + count - first);
+  }
+
+  // Before a compression: observes the buffered queries (oldest first), so query-aware
+  // scorers re-score with the newest window during decode (kvpress DecodingPress).
+  void observe_buffered(Sequence& sequence, std::size_t layer) {
+    if constexpr (ObservesQueries<Scorer>) {
+      Layer& store = sequence.layers[layer];
+      const std::size_t window = store.buffered_queries;
+      if (window == 0 || options_.query_buffer == 0) return;
+      const std::size_t capacity = options_.query_buffer;
+      const std::size_t d = geometry_.head_dim;
+      buffered_window_.resize(geometry_.q_heads * window * d);
+      const std::size_t oldest = (store.ring_next + capacity - window) % capacity;
+      for (std::size_t head = 0; head < geometry_.q_heads; ++head) {
+        for (std::size_t t = 0; t < window; ++t) {
+          const float* row =
+              store.query_ring.data() + (head * capacity + (oldest + t) % capacity) * d;
+          std::copy(row, row + d, buffered_window_.data() + (head * window + t) * d);
+        }
+      }
+      observe_window(sequence, layer,
+                     View<const float, 3>(buffered_window_.data(), {geometry_.q_heads, window, d}),
+                     store.tokens_seen);
+    } else {
+      (void)sequence;
+      (void)layer;
+    }
+  }
+
+  // ---- planning and compression ---------------------------------------------------------
+
+  bool over_budget(const Sequence& sequence, std::size_t layer) {
     if constexpr (!Scorer::evicts) {
-      (void)store;
+      (void)sequence;
       (void)layer;
       return false;
     } else {
-      plan(store, layer);
+      const Layer& store = sequence.layers[layer];
+      plan(sequence, layer);
       for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
         if (store.heads[h].tokens > head_budgets_[h] + options_.eviction_slack) return true;
       }
@@ -831,35 +970,65 @@ class KvCache {
     }
   }
 
-  void plan(const Layer& store, std::size_t layer) {
+  void call_planner(const Sequence& sequence, const LayerPlan& layer_plan) {
     head_budgets_.assign(geometry_.kv_heads, 0);
-    stored_.resize(geometry_.kv_heads);
-    for (std::size_t h = 0; h < geometry_.kv_heads; ++h) stored_[h] = store.heads[h].tokens;
-    planner_.plan_layer(LayerPlan{geometry_, layer, options_.budget.resolve(store.tokens_seen),
-                                  store.tokens_seen, stored_},
-                        head_budgets_);
+    if constexpr (HasSequenceState<Planner>) {
+      planner_.plan_layer(layer_plan, std::as_const(sequence.planner_state),
+                          std::span<std::size_t>(head_budgets_));
+    } else {
+      (void)sequence;
+      planner_.plan_layer(layer_plan, std::span<std::size_t>(head_budgets_));
+    }
   }
 
-  void compress_layer(Layer& store, std::size_t layer) {
+  // head_budgets_ = the plan without scores; stored_ = tokens per kv head.
+  void plan(const Sequence& sequence, std::size_t layer) {
+    const Layer& store = sequence.layers[layer];
+    stored_.resize(geometry_.kv_heads);
+    for (std::size_t h = 0; h < geometry_.kv_heads; ++h) stored_[h] = store.heads[h].tokens;
+    call_planner(sequence,
+                 LayerPlan{geometry_, layer, budget_of(sequence).resolve(store.tokens_seen),
+                           store.tokens_seen, stored_});
+  }
+
+  void compress_layer(Sequence& sequence, std::size_t layer) {
     if constexpr (Scorer::evicts) {
-      plan(store, layer);
-      if constexpr (PlansFromScores<Planner>) {
-        // A planner that splits by score (AdaKV): scored path, instantiated only for it.
-        if (planner_.wants_scores()) {
-          compress_layer_from_scores(store, layer);
+      if constexpr (PlansSequence<Planner>) {
+        if (planner_.wants_sequence_plan(std::as_const(sequence.planner_state), layer)) {
+          compress_sequence(sequence);
           return;
         }
       }
-      for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
-        Head& head = store.heads[h];
-        const std::size_t budget = head_budgets_[h];
-        if (head.tokens <= budget) continue;
-        select_survivors(head, layer, h, budget, store.tokens_seen);
-        evict_to_kept(head);
+      observe_buffered(sequence, layer);
+      compress_one_layer(sequence, layer);
+      if constexpr (Cascades<Planner>) {
+        // The new layer re-split the budget: earlier layers shrink to their new share now.
+        for (std::size_t earlier = 0; earlier < layer; ++earlier) {
+          if (over_budget(sequence, earlier)) compress_one_layer(sequence, earlier);
+        }
       }
     } else {
-      (void)store;
+      (void)sequence;
       (void)layer;
+    }
+  }
+
+  void compress_one_layer(Sequence& sequence, std::size_t layer) {
+    Layer& store = sequence.layers[layer];
+    plan(sequence, layer);
+    if constexpr (PlansFromScores<Planner>) {
+      // A planner that splits by score (AdaKV): scored path, instantiated only for it.
+      if (planner_.wants_scores()) {
+        compress_layer_from_scores(sequence, layer);
+        return;
+      }
+    }
+    for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
+      Head& head = store.heads[h];
+      const std::size_t budget = head_budgets_[h];
+      if (head.tokens <= budget) continue;
+      select_survivors(head, layer, h, budget, store.tokens_seen);
+      evict_to_kept(head, layer, h);
     }
   }
 
@@ -867,12 +1036,13 @@ class KvCache {
   // over budget, score every head of the layer (ScoreContext::budget = the base budget,
   // capped at the head's tokens: the planned budget is not known before scoring), plan
   // again with LayerPlan::scores, then keep each head's `budget` best of those scores.
-  void compress_layer_from_scores(Layer& store, std::size_t layer) {
+  void compress_layer_from_scores(Sequence& sequence, std::size_t layer) {
+    Layer& store = sequence.layers[layer];
     const std::size_t heads = geometry_.kv_heads;
     bool over = false;
     for (std::size_t h = 0; h < heads; ++h) over = over || store.heads[h].tokens > head_budgets_[h];
     if (!over) return;
-    const std::size_t base_budget = options_.budget.resolve(store.tokens_seen);
+    const std::size_t base_budget = budget_of(sequence).resolve(store.tokens_seen);
     if (layer_scores_.size() < heads) layer_scores_.resize(heads);
     score_views_.resize(heads);
     for (std::size_t h = 0; h < heads; ++h) {
@@ -881,25 +1051,113 @@ class KvCache {
                  layer_scores_[h]);
       score_views_[h] = std::span<const float>(layer_scores_[h].data(), head.tokens);
     }
-    head_budgets_.assign(heads, 0);
-    planner_.plan_layer(
-        LayerPlan{geometry_, layer, base_budget, store.tokens_seen, stored_, score_views_},
-        head_budgets_);
+    call_planner(sequence, LayerPlan{geometry_, layer, base_budget, store.tokens_seen, stored_,
+                                     score_views_});
     for (std::size_t h = 0; h < heads; ++h) {
       Head& head = store.heads[h];
       const std::size_t budget = head_budgets_[h];
       if (head.tokens <= budget) continue;
       load_positions(head);
       keep_best(score_views_[h], budget);
-      evict_to_kept(head);
+      evict_to_kept(head, layer, h);
     }
   }
 
-  // Compacts `head` to the kept_ slots and tells the policies which survived.
-  void evict_to_kept(Head& head) {
+  // A planner with PlansSequence (PrefixKV): score every kv head of every layer, let the
+  // planner split the budget across layers from all of them, then keep each head's best.
+  void compress_sequence(Sequence& sequence) {
+    if constexpr (PlansSequence<Planner>) {
+      const std::size_t layers = geometry_.layers;
+      const std::size_t heads = geometry_.kv_heads;
+      for (std::size_t layer = 0; layer < layers; ++layer) observe_buffered(sequence, layer);
+      if (sequence_scores_.size() < layers * heads) sequence_scores_.resize(layers * heads);
+      sequence_views_.resize(layers * heads);
+      sequence_stored_.resize(layers * heads);
+      layer_plans_.clear();
+      for (std::size_t layer = 0; layer < layers; ++layer) {
+        const Layer& store = sequence.layers[layer];
+        const std::size_t base_budget = budget_of(sequence).resolve(store.tokens_seen);
+        for (std::size_t h = 0; h < heads; ++h) {
+          const Head& head = store.heads[h];
+          const std::size_t i = layer * heads + h;
+          score_head(head, layer, h, std::min(base_budget, head.tokens), store.tokens_seen,
+                     sequence_scores_[i]);
+          sequence_views_[i] = std::span<const float>(sequence_scores_[i].data(), head.tokens);
+          sequence_stored_[i] = head.tokens;
+        }
+        layer_plans_.push_back(
+            LayerPlan{geometry_, layer, base_budget, store.tokens_seen,
+                      std::span<const std::size_t>(sequence_stored_.data() + layer * heads, heads),
+                      std::span<const std::span<const float>>(
+                          sequence_views_.data() + layer * heads, heads)});
+      }
+      planner_.plan_sequence(sequence.planner_state, SequencePlan{geometry_, layer_plans_});
+      for (std::size_t layer = 0; layer < layers; ++layer) {
+        call_planner(sequence, layer_plans_[layer]);
+        Layer& store = sequence.layers[layer];
+        for (std::size_t h = 0; h < heads; ++h) {
+          Head& head = store.heads[h];
+          const std::size_t budget = head_budgets_[h];
+          if (head.tokens <= budget) continue;
+          load_positions(head);
+          keep_best(sequence_views_[layer * heads + h], budget);
+          evict_to_kept(head, layer, h);
+        }
+      }
+    } else {
+      (void)sequence;
+    }
+  }
+
+  // Compacts `head` to the kept_ slots (merging the evicted ones into them first, for a
+  // scorer that merges) and tells the policies which survived. positions_ holds the head's
+  // positions.
+  void evict_to_kept(Head& head, std::size_t layer, std::size_t kv_head) {
+    if constexpr (MergesEvicted<Scorer>) merge_evicted(head, layer, kv_head);
     compact(head);
     scorer_.on_compact(head.scorer_state, kept_);
     if constexpr (!Index::reads_all) index_.on_compact(head.index_state, kept_);
+  }
+
+  // MergesEvicted: hands the head's K/V in fp32 to the scorer and re-encodes the kept rows
+  // it rewrote, in place (shared pages are copied first).
+  void merge_evicted(Head& head, std::size_t layer, std::size_t kv_head) {
+    const std::size_t n = head.tokens;
+    const std::size_t d = geometry_.head_dim;
+    const std::size_t page_tokens = options_.page_tokens;
+    merge_keys_.resize(n * d);
+    merge_values_.resize(n * d);
+    for (std::size_t slot = 0; slot < n; ++slot) {
+      const std::byte* page = pool_.data(head.pages[slot / page_tokens]);
+      const std::size_t in_page = slot % page_tokens;
+      quantizer_.decode_key(page + in_page * key_bytes_, d, merge_keys_.data() + slot * d);
+      quantizer_.decode_value(page + value_offset_ + in_page * value_bytes_, d,
+                              merge_values_.data() + slot * d);
+    }
+    changed_.assign(n, 0);
+    scorer_.merge(head.scorer_state, MergeEvent{layer, kv_head, merge_keys_, merge_values_, kept_,
+                                                positions_, d, changed_});
+    std::size_t shared_pages = 0;
+    for (std::size_t p = 0; p < head.pages.size(); ++p) {
+      if (!pool_.shared(head.pages[p])) continue;
+      for (std::size_t slot = p * page_tokens; slot < std::min(n, (p + 1) * page_tokens); ++slot) {
+        if (changed_[slot] != 0) {
+          ++shared_pages;
+          break;
+        }
+      }
+    }
+    pool_.reserve(shared_pages);
+    for (const std::uint32_t slot : kept_) {
+      if (changed_[slot] == 0) continue;
+      PageId& page_id = head.pages[slot / page_tokens];
+      page_id = pool_.make_unique(page_id);
+      std::byte* page = pool_.data(page_id);
+      const std::size_t in_page = slot % page_tokens;
+      quantizer_.encode_key(merge_keys_.data() + slot * d, d, page + in_page * key_bytes_);
+      quantizer_.encode_value(merge_values_.data() + slot * d, d,
+                              page + value_offset_ + in_page * value_bytes_);
+    }
   }
 
   // kept_ = the `budget` slots with the highest scores (ties: the newer token), ascending.
@@ -1008,7 +1266,8 @@ class KvCache {
     for (std::size_t l = 0; l < sequence.layers.size(); ++l) {
       const Layer& layer = sequence.layers[l];
       result.tokens_seen += layer.tokens_seen;
-      result.metadata_bytes += layer.heads.capacity() * sizeof(Head);
+      result.metadata_bytes +=
+          layer.heads.capacity() * sizeof(Head) + layer.query_ring.capacity() * sizeof(float);
       for (std::size_t h = 0; h < layer.heads.size(); ++h) {
         const Head& head = layer.heads[h];
         result.tokens_per_head[l * geometry_.kv_heads + h] += head.tokens;
@@ -1048,6 +1307,13 @@ class KvCache {
   std::vector<Position> positions_;
   std::vector<std::vector<float>> layer_scores_;     // per kv head, planners with scores
   std::vector<std::span<const float>> score_views_;  // LayerPlan::scores
+  // compress_sequence (PlansSequence): per (layer, kv head) scores, and the layers' plans.
+  std::vector<std::vector<float>> sequence_scores_;
+  std::vector<std::span<const float>> sequence_views_;
+  std::vector<std::size_t> sequence_stored_;
+  std::vector<LayerPlan> layer_plans_;
+  std::vector<float> buffered_window_, merge_keys_, merge_values_;  // query_buffer, merging
+  std::vector<std::uint8_t> changed_;
 };
 
 }  // namespace kvc
