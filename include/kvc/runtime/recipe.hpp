@@ -337,11 +337,29 @@ RecipeRegistry(Scorers, Planners, Quantizers) -> RecipeRegistry<Scorers, Planner
 // evicting scorer is KvCache<Scorer, Quant, retrieval::Exhaustive, offload::None,
 // RecipePlanner<...>> (kvc::RecipeCache below); one whose scorer keeps every token uses
 // the first planner itself, so make_cache("full") is exactly a KvCache<>.
+namespace detail {
+// RecipePlanner's SequenceState: one per alternative (only the chosen one is used), present
+// only when some alternative has one (CAKE, PrefixKV), so that a recipe cache without such
+// a planner stores nothing per sequence.
+template <bool Stateful, class... Planners>
+struct RecipePlannerState {};
+template <class... Planners>
+struct RecipePlannerState<true, Planners...> {
+  using SequenceState = std::tuple<typename sequence_state<Planners>::type...>;
+};
+}  // namespace detail
+
 template <BudgetPlanner... Planners>
-class RecipePlanner {
+class RecipePlanner
+    : public detail::RecipePlannerState<(HasSequenceState<Planners> || ...), Planners...> {
+  static constexpr bool stateful = (HasSequenceState<Planners> || ...);
+
  public:
   static_assert(sizeof...(Planners) >= 1, "RecipePlanner: no planner");
   static constexpr std::string_view name() noexcept { return "recipe"; }
+  // Cascades when one of Planners does (CAKE); for another choice the extra check of the
+  // earlier layers finds none over budget (they were compressed at their own step).
+  static constexpr bool cascades = (Cascades<Planners> || ...);
 
   RecipePlanner() = default;
   template <class Planner>
@@ -355,8 +373,56 @@ class RecipePlanner {
   }
   const std::variant<Planners...>& chosen() const noexcept { return planner_; }
 
-  void plan_layer(const LayerPlan& plan, std::span<std::size_t> head_budgets) {
+  void plan_layer(const LayerPlan& plan, std::span<std::size_t> head_budgets) requires(!stateful) {
     std::visit([&](auto& planner) { planner.plan_layer(plan, head_budgets); }, planner_);
+  }
+
+  // With a SequenceState: the chosen planner gets its own element of the tuple.
+  template <class State>
+    requires(stateful&& std::is_same_v<State, typename RecipePlanner::SequenceState>)
+  void plan_layer(const LayerPlan& plan, const State& state, std::span<std::size_t> head_budgets) {
+    with_chosen([&]<std::size_t I>(auto& planner) {
+      if constexpr (HasSequenceState<std::remove_cvref_t<decltype(planner)>>) {
+        planner.plan_layer(plan, std::get<I>(state), head_budgets);
+      } else {
+        planner.plan_layer(plan, head_budgets);
+      }
+    });
+  }
+
+  template <class State>
+    requires((ObservesLayers<Planners> || ...) &&
+             std::is_same_v<State, typename RecipePlanner::SequenceState>)
+  void on_observe(State& state, const ObserveEvent& event) {
+    with_chosen([&]<std::size_t I>(auto& planner) {
+      if constexpr (ObservesLayers<std::remove_cvref_t<decltype(planner)>>) {
+        planner.on_observe(std::get<I>(state), event);
+      }
+    });
+  }
+
+  template <class State>
+    requires((PlansSequence<Planners> || ...) &&
+             std::is_same_v<State, typename RecipePlanner::SequenceState>)
+  bool wants_sequence_plan(const State& state, std::size_t layer) const {
+    bool wants = false;
+    with_chosen([&]<std::size_t I>(const auto& planner) {
+      if constexpr (PlansSequence<std::remove_cvref_t<decltype(planner)>>) {
+        wants = static_cast<bool>(planner.wants_sequence_plan(std::get<I>(state), layer));
+      }
+    });
+    return wants;
+  }
+
+  template <class State>
+    requires((PlansSequence<Planners> || ...) &&
+             std::is_same_v<State, typename RecipePlanner::SequenceState>)
+  void plan_sequence(State& state, const SequencePlan& plan) {
+    with_chosen([&]<std::size_t I>(auto& planner) {
+      if constexpr (PlansSequence<std::remove_cvref_t<decltype(planner)>>) {
+        planner.plan_sequence(std::get<I>(state), plan);
+      }
+    });
   }
 
   // PlansFromScores, when one of Planners is (AdaKV): whether the chosen one wants the
@@ -374,6 +440,26 @@ class RecipePlanner {
   }
 
  private:
+  // f.template operator()<I>(planner) for the chosen alternative I.
+  template <class F>
+  void with_chosen(F&& f) {
+    with_chosen(std::forward<F>(f), std::index_sequence_for<Planners...>{});
+  }
+  template <class F>
+  void with_chosen(F&& f) const {
+    with_chosen(std::forward<F>(f), std::index_sequence_for<Planners...>{});
+  }
+  template <class F, std::size_t... I>
+  void with_chosen(F&& f, std::index_sequence<I...>) {
+    (void)((planner_.index() == I && (f.template operator()<I>(std::get<I>(planner_)), true)) ||
+           ...);
+  }
+  template <class F, std::size_t... I>
+  void with_chosen(F&& f, std::index_sequence<I...>) const {
+    (void)((planner_.index() == I && (f.template operator()<I>(std::get<I>(planner_)), true)) ||
+           ...);
+  }
+
   std::variant<Planners...> planner_;
 };
 
