@@ -1122,6 +1122,11 @@ class KvCache {
   // MergesEvicted: hands the head's K/V in fp32 to the scorer and re-encodes the kept rows
   // it rewrote, in place (shared pages are copied first).
   void merge_evicted(Head& head, std::size_t layer, std::size_t kv_head) {
+    // An index that summarizes keys (page bounds) is told about compaction only, not about
+    // rewritten rows: it would select pages by stale keys.
+    static_assert(Index::reads_all,
+                  "KvCache: a scorer that merges (MergesEvicted) needs an index that reads every "
+                  "page (reads_all): the index is not told about merged keys");
     const std::size_t n = head.tokens;
     const std::size_t d = geometry_.head_dim;
     const std::size_t page_tokens = options_.page_tokens;
@@ -1134,20 +1139,18 @@ class KvCache {
       quantizer_.decode_value(page + value_offset_ + in_page * value_bytes_, d,
                               merge_values_.data() + slot * d);
     }
+    // Reserve before the scorer changes its state: every shared page holding a kept slot
+    // may need a copy (an upper bound), so nothing can throw after merge().
+    std::size_t shared_pages = 0;
+    for (std::size_t i = 0; i < kept_.size();) {
+      const std::size_t p = kept_[i] / page_tokens;
+      shared_pages += pool_.shared(head.pages[p]) ? 1 : 0;
+      while (i < kept_.size() && kept_[i] / page_tokens == p) ++i;
+    }
+    pool_.reserve(shared_pages);
     changed_.assign(n, 0);
     scorer_.merge(head.scorer_state, MergeEvent{layer, kv_head, merge_keys_, merge_values_, kept_,
                                                 positions_, d, changed_});
-    std::size_t shared_pages = 0;
-    for (std::size_t p = 0; p < head.pages.size(); ++p) {
-      if (!pool_.shared(head.pages[p])) continue;
-      for (std::size_t slot = p * page_tokens; slot < std::min(n, (p + 1) * page_tokens); ++slot) {
-        if (changed_[slot] != 0) {
-          ++shared_pages;
-          break;
-        }
-      }
-    }
-    pool_.reserve(shared_pages);
     for (const std::uint32_t slot : kept_) {
       if (changed_[slot] == 0) continue;
       PageId& page_id = head.pages[slot / page_tokens];
