@@ -116,7 +116,9 @@ struct SequencePlanner {  // plans all layers at once, when the last layer is co
     std::vector<std::size_t> budgets;  // per layer
   };
   static constexpr std::string_view name() { return "archetype_sequence"; }
-  bool wants_sequence_plan(const SequenceState&, std::size_t layer) const { return layer == 1; }
+  bool wants_sequence_plan(const SequenceState&, const kvc::LayerPlan& plan) const {
+    return plan.layer + 1 == plan.geometry.layers;
+  }
   void plan_sequence(SequenceState& state, const kvc::SequencePlan& plan) {
     ++state.plans;
     state.budgets.clear();

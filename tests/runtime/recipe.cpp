@@ -331,6 +331,41 @@ TEST_CASE("a recipe keeps exactly what the KvCache it names keeps", "[recipe]") 
             {.window = 16, .kernel = 7, .pooling = kvc::evict::SnapKV::Pooling::max}));
     check_same_cache(*cache, direct, work, 16);
   }
+  SECTION("d2o is KvCache<D2O<H2O>> with the merge threshold's weights") {
+    const auto cache = kvc::make_cache("d2o:budget=48,recent=8,merge_alpha=0.25", small);
+    kvc::KvCache<kvc::evict::D2O<kvc::evict::H2O>> direct(
+        small, {.budget = kvc::Budget::tokens(48)},
+        kvc::evict::D2O<kvc::evict::H2O>(kvc::evict::H2O({.recent_tokens = 8}),
+                                         {.alpha = 0.25, .beta = 0.5}));
+    check_same_cache(*cache, direct, work);
+  }
+  SECTION("cake with the cake planner cascades as KvCache<CakeIndicator, ..., Cake>") {
+    const auto cache =
+        kvc::make_cache("cake:budget=40,planner=cake,cake_window=16,tau1=1.6,tau2=0.4", small);
+    using Direct = kvc::KvCache<kvc::evict::CakeIndicator, kvc::quant::Dense<float>,
+                                kvc::retrieval::Exhaustive, kvc::offload::None, kvc::budget::Cake>;
+    Direct direct(small, {.budget = kvc::Budget::tokens(40)}, kvc::evict::CakeIndicator{}, {}, {},
+                  {}, kvc::budget::Cake({.window = 16, .tau1 = 1.6, .tau2 = 0.4}));
+    check_same_cache(*cache, direct, work, 16);
+    // The layers' shares differ (CAKE's point) and sum to L·B per head.
+    const kvc::CacheStats stats = cache->stats();
+    CHECK(stats.tokens_stored == small.layers * small.kv_heads * 40);
+  }
+  SECTION("h2o with the prefixkv planner plans the layers together") {
+    const auto cache = kvc::make_cache("h2o:budget=40,planner=prefixkv", small);
+    using Direct =
+        kvc::KvCache<kvc::evict::H2O, kvc::quant::Dense<float>, kvc::retrieval::Exhaustive,
+                     kvc::offload::None, kvc::budget::PrefixKV>;
+    Direct direct(small, {.budget = kvc::Budget::tokens(40)});
+    check_same_cache(*cache, direct, work, 0);
+    CHECK(cache->stats().tokens_stored == small.layers * small.kv_heads * 40);
+  }
+  SECTION("rot_q4_0 is Rotated<Q4_0> storage") {
+    const auto cache = kvc::make_cache("h2o:budget=64+rot_q4_0", small);
+    kvc::KvCache<kvc::evict::H2O, kvc::quant::Rotated<kvc::quant::Q4_0>> direct(
+        small, {.budget = kvc::Budget::tokens(64)});
+    check_same_cache(*cache, direct, work);
+  }
   SECTION("snapkv with the pyramid planner is KvCache<SnapKV, ..., PyramidKV>") {
     const auto cache = kvc::make_cache(
         "snapkv:budget=64,window=16,planner=pyramid,pyramid_window=16,beta=5", small);
@@ -565,10 +600,10 @@ TEST_CASE("the catalog's names and keys do not collide", "[recipe]") {
     if (info.role == kvc::RecipeInfo::Role::quantizer) quantizers.insert(info.name);
   }
   CHECK(scorers == std::set<std::string>{"full", "streaming", "h2o", "snapkv", "tova", "knorm",
-                                         "keydiff", "keyformer", "lazy", "cake", "windowkv",
-                                         "duo"});
-  CHECK(quantizers ==
-        std::set<std::string>{"f32", "f16", "bf16", "int8", "q8_0", "q4_0", "fp8", "fp8_e5m2"});
+                                         "keydiff", "keyformer", "lazy", "cake", "windowkv", "duo",
+                                         "d2o"});
+  CHECK(quantizers == std::set<std::string>{"f32", "f16", "bf16", "int8", "q8_0", "q4_0",
+                                            "rot_q4_0", "fp8", "fp8_e5m2"});
   for (const std::string& name : scorers) CHECK(quantizers.count(name) == 0);
   for (const std::string& key : planner_keys) CHECK(scorer_keys.count(key) == 0);
 }

@@ -135,6 +135,14 @@ concept HasSequenceState = requires {
 }
 &&std::default_initializable<typename P::SequenceState>&& std::copyable<typename P::SequenceState>;
 
+// Optional: the bytes a SequenceState holds, itself included (stats() counts them; without
+// it, sizeof(SequenceState)).
+template <class P>
+concept ReportsSequenceStateBytes = HasSequenceState<P> &&
+    requires(const P& planner, const typename P::SequenceState& state) {
+  { planner.state_bytes(state) } -> std::convertible_to<std::size_t>;
+};
+
 template <class P>
 concept PlansLayersWithState = HasSequenceState<P> &&
     requires(P& planner, const LayerPlan& plan, const typename P::SequenceState& state,
@@ -151,16 +159,16 @@ concept ObservesLayers = HasSequenceState<P> &&
 };
 
 // Optional (with a SequenceState): the planner splits the budget across layers from every
-// layer's scores at once (PrefixKV). When wants_sequence_plan(state, layer) answers true
+// layer's scores at once (PrefixKV). When wants_sequence_plan(state, plan) answers true
 // for the layer being compressed, the cache scores every kv head of every layer, calls
 // plan_sequence (which records its split in the state), then compresses every layer with
 // plan_layer(plan-with-scores, state, out).
 template <class P>
 concept PlansSequence = HasSequenceState<P> &&
     requires(P& planner, typename P::SequenceState& state, const SequencePlan& plan,
-             std::size_t layer) {
+             const LayerPlan& layer_plan) {
   {
-    std::as_const(planner).wants_sequence_plan(std::as_const(state), layer)
+    std::as_const(planner).wants_sequence_plan(std::as_const(state), layer_plan)
     } -> std::convertible_to<bool>;
   planner.plan_sequence(state, plan);
 };

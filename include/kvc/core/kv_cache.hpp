@@ -312,7 +312,13 @@ class KvCache {
     if constexpr (ObservesQueries<Scorer>) {
       if (options_.query_buffer > 0) buffer_queries(store, q);
     }
-    if (options_.auto_compress && over_budget(sequence, layer)) compress_layer(sequence, layer);
+    if (options_.auto_compress) {
+      if (over_budget(sequence, layer)) {
+        compress_layer(sequence, layer);
+      } else {
+        cascade(sequence, layer);
+      }
+    }
   }
 
   // ---- compression ----------------------------------------------------------------------
@@ -477,13 +483,27 @@ class KvCache {
     std::size_t buffered_queries = 0;
     std::size_t ring_next = 0;  // ring row the next query goes to
   };
-  struct Sequence {
+  struct SequenceCore {
     std::vector<Layer> layers;
-    [[no_unique_address]] PlannerState planner_state{};
     std::optional<Budget> budget{};
     std::uint32_t generation = 0;
     bool open = false;
   };
+  struct Sequence : SequenceCore {
+    [[no_unique_address]] PlannerState planner_state{};
+  };
+
+  // What the planner's state of one sequence holds (0 without one).
+  std::size_t planner_state_bytes(const Sequence& sequence) const {
+    if constexpr (ReportsSequenceStateBytes<Planner>) {
+      return planner_.state_bytes(sequence.planner_state);
+    } else if constexpr (HasSequenceState<Planner>) {
+      return sizeof(PlannerState);
+    } else {
+      (void)sequence;
+      return 0;
+    }
+  }
 
   const Budget& budget_of(const Sequence& sequence) const noexcept {
     return sequence.budget ? *sequence.budget : options_.budget;
@@ -981,31 +1001,45 @@ class KvCache {
     }
   }
 
-  // head_budgets_ = the plan without scores; stored_ = tokens per kv head.
-  void plan(const Sequence& sequence, std::size_t layer) {
+  // The layer's plan request without scores; stored_ = tokens per kv head.
+  LayerPlan layer_plan(const Sequence& sequence, std::size_t layer) {
     const Layer& store = sequence.layers[layer];
     stored_.resize(geometry_.kv_heads);
     for (std::size_t h = 0; h < geometry_.kv_heads; ++h) stored_[h] = store.heads[h].tokens;
-    call_planner(sequence,
-                 LayerPlan{geometry_, layer, budget_of(sequence).resolve(store.tokens_seen),
-                           store.tokens_seen, stored_});
+    return LayerPlan{geometry_, layer, budget_of(sequence).resolve(store.tokens_seen),
+                     store.tokens_seen, stored_};
+  }
+
+  // head_budgets_ = the plan without scores.
+  void plan(const Sequence& sequence, std::size_t layer) {
+    call_planner(sequence, layer_plan(sequence, layer));
   }
 
   void compress_layer(Sequence& sequence, std::size_t layer) {
     if constexpr (Scorer::evicts) {
       if constexpr (PlansSequence<Planner>) {
-        if (planner_.wants_sequence_plan(std::as_const(sequence.planner_state), layer)) {
+        if (planner_.wants_sequence_plan(std::as_const(sequence.planner_state),
+                                         layer_plan(sequence, layer))) {
           compress_sequence(sequence);
           return;
         }
       }
       observe_buffered(sequence, layer);
       compress_one_layer(sequence, layer);
-      if constexpr (Cascades<Planner>) {
-        // The new layer re-split the budget: earlier layers shrink to their new share now.
-        for (std::size_t earlier = 0; earlier < layer; ++earlier) {
-          if (over_budget(sequence, earlier)) compress_one_layer(sequence, earlier);
-        }
+      cascade(sequence, layer);
+    } else {
+      (void)sequence;
+      (void)layer;
+    }
+  }
+
+  // A Cascades planner: layer `layer` may have re-split the budget (CAKE: its observe added
+  // a preference), so earlier layers over their new share shrink to it now — also when
+  // `layer` itself keeps every token and was not compressed.
+  void cascade(Sequence& sequence, std::size_t layer) {
+    if constexpr (Scorer::evicts && Cascades<Planner>) {
+      for (std::size_t earlier = 0; earlier < layer; ++earlier) {
+        if (over_budget(sequence, earlier)) compress_one_layer(sequence, earlier);
       }
     } else {
       (void)sequence;
@@ -1265,7 +1299,8 @@ class KvCache {
 
   void add_sequence(CacheStats& result, const Sequence& sequence) const {
     ++result.sequences;
-    result.metadata_bytes += sizeof(Sequence) + sequence.layers.capacity() * sizeof(Layer);
+    result.metadata_bytes += sizeof(SequenceCore) + planner_state_bytes(sequence) +
+                             sequence.layers.capacity() * sizeof(Layer);
     for (std::size_t l = 0; l < sequence.layers.size(); ++l) {
       const Layer& layer = sequence.layers[l];
       result.tokens_seen += layer.tokens_seen;

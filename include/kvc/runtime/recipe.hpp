@@ -44,13 +44,16 @@
 #pragma once
 
 #include <kvc/budget/ada_kv.hpp>
+#include <kvc/budget/cake.hpp>
 #include <kvc/budget/duo_attention.hpp>
+#include <kvc/budget/prefix_kv.hpp>
 #include <kvc/budget/pyramid_kv.hpp>
 #include <kvc/budget/uniform.hpp>
 #include <kvc/core/error.hpp>
 #include <kvc/core/geometry.hpp>
 #include <kvc/core/kv_cache.hpp>
 #include <kvc/evict/cake_indicator.hpp>
+#include <kvc/evict/d2o.hpp>
 #include <kvc/evict/duo_attention.hpp>
 #include <kvc/evict/full.hpp>
 #include <kvc/evict/h2o.hpp>
@@ -68,6 +71,7 @@
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/q4_0.hpp>
 #include <kvc/quant/q8_0.hpp>
+#include <kvc/quant/rotated.hpp>
 #include <kvc/retrieval/exhaustive.hpp>
 #include <kvc/runtime/any_cache.hpp>
 
@@ -390,6 +394,23 @@ class RecipePlanner
     });
   }
 
+  // Only the chosen alternative's state counts (the others stay default-constructed).
+  template <class State>
+    requires(stateful&& std::is_same_v<State, typename RecipePlanner::SequenceState>)
+  std::size_t state_bytes(const State& state)
+  const {
+    std::size_t bytes = 0;
+    with_chosen([&]<std::size_t I>(const auto& planner) {
+      using Chosen = std::remove_cvref_t<decltype(planner)>;
+      if constexpr (ReportsSequenceStateBytes<Chosen>) {
+        bytes = planner.state_bytes(std::get<I>(state));
+      } else if constexpr (HasSequenceState<Chosen>) {
+        bytes = sizeof(typename Chosen::SequenceState);
+      }
+    });
+    return bytes;
+  }
+
   template <class State>
     requires((ObservesLayers<Planners> || ...) &&
              std::is_same_v<State, typename RecipePlanner::SequenceState>)
@@ -404,11 +425,11 @@ class RecipePlanner
   template <class State>
     requires((PlansSequence<Planners> || ...) &&
              std::is_same_v<State, typename RecipePlanner::SequenceState>)
-  bool wants_sequence_plan(const State& state, std::size_t layer) const {
+  bool wants_sequence_plan(const State& state, const LayerPlan& plan) const {
     bool wants = false;
     with_chosen([&]<std::size_t I>(const auto& planner) {
       if constexpr (PlansSequence<std::remove_cvref_t<decltype(planner)>>) {
-        wants = static_cast<bool>(planner.wants_sequence_plan(std::get<I>(state), layer));
+        wants = static_cast<bool>(planner.wants_sequence_plan(std::get<I>(state), plan));
       }
     });
     return wants;
@@ -569,6 +590,22 @@ struct RecipeOptions<evict::DuoAttention> {
 };
 
 template <>
+struct RecipeOptions<evict::D2O<evict::H2O>> {
+  static constexpr std::array parameters{
+      RecipeParameter{"recent", RecipeValue::amount, "0.5",
+                      "H2O's recent window: tokens (integer) or share of the budget (ratio)"},
+      RecipeParameter{"merge_alpha", RecipeValue::real, "0.5",
+                      "weight of the previous merge threshold"},
+      RecipeParameter{"merge_beta", RecipeValue::real, "0.5",
+                      "weight of the new mean similarity in the threshold"}};
+  static evict::D2O<evict::H2O> make(const RecipeArguments& args) {
+    return evict::D2O<evict::H2O>(
+        RecipeOptions<evict::H2O>::make(args),
+        {.alpha = args.real("merge_alpha"), .beta = args.real("merge_beta")});
+  }
+};
+
+template <>
 struct RecipeOptions<evict::Knorm> {
   static constexpr std::array parameters{
       RecipeParameter{"recent", RecipeValue::count, "0", "newest tokens always kept"}};
@@ -606,6 +643,24 @@ struct RecipeOptions<budget::PyramidKV> {
   }
 };
 
+template <>
+struct RecipeOptions<budget::Cake> {
+  static constexpr std::array parameters{
+      RecipeParameter{
+          "cake_window", RecipeValue::count, "32",
+          "window rows CAKE measures, and tokens every layer keeps on top of its share"},
+      RecipeParameter{"tau1", RecipeValue::real, "1", "temperature of the dispersion (> 0)"},
+      RecipeParameter{"tau2", RecipeValue::real, "1", "temperature of the shift (> 0)"}};
+  static budget::Cake make(const RecipeArguments& args) {
+    if (!(args.real("tau1") > 0.0) || !(args.real("tau2") > 0.0)) {
+      args.fail("cake planner: tau1 and tau2 must be > 0");
+    }
+    return budget::Cake({.window = args.count("cake_window"),
+                         .tau1 = args.real("tau1"),
+                         .tau2 = args.real("tau2")});
+  }
+};
+
 // ---- the tables: ONE entry per policy ----------------------------------------------------
 
 inline constexpr std::tuple recipe_scorers{
@@ -620,13 +675,16 @@ inline constexpr std::tuple recipe_scorers{
     RecipeEntry<evict::LazyEviction>{"lazy", "tokens due to recur (recurrence intervals)"},
     RecipeEntry<evict::CakeIndicator>{"cake", "window attention mean + 200·variance (observe)"},
     RecipeEntry<evict::WindowKV>{"windowkv", "whole 8-token windows by summed SnapKV votes"},
-    RecipeEntry<evict::DuoAttention>{"duo", "retrieval heads keep all, others sink + recent"}};
+    RecipeEntry<evict::DuoAttention>{"duo", "retrieval heads keep all, others sink + recent"},
+    RecipeEntry<evict::D2O<evict::H2O>>{"d2o", "H2O, evicted tokens merged into similar ones"}};
 
 inline constexpr std::tuple recipe_planners{
     RecipeEntry<budget::Uniform>{"uniform", "the same budget for every layer (the default)"},
     RecipeEntry<budget::PyramidKV>{"pyramid", "PyramidKV: budgets shrinking linearly with depth"},
     RecipeEntry<budget::DuoAttention>{"duo", "DuoAttention: retrieval heads all, others 64 + 256"},
-    RecipeEntry<budget::AdaKV>{"adakv", "AdaKV: a layer's budget split across heads by score"}};
+    RecipeEntry<budget::AdaKV>{"adakv", "AdaKV: a layer's budget split across heads by score"},
+    RecipeEntry<budget::Cake>{"cake", "CAKE: layer shares from window-attention dispersion"},
+    RecipeEntry<budget::PrefixKV>{"prefixkv", "PrefixKV: one global importance coverage p"}};
 
 // Bytes per token and kv head, K + V, at head_dim d.
 inline constexpr std::tuple recipe_quantizers{
@@ -637,6 +695,8 @@ inline constexpr std::tuple recipe_quantizers{
     RecipeEntry<quant::Int8<32>>{"int8", "int8, a scale per 32 channels: 2.25·d bytes", "group=32"},
     RecipeEntry<quant::Q8_0>{"q8_0", "ggml q8_0 blocks: 2.125·d bytes (d % 32 == 0)"},
     RecipeEntry<quant::Q4_0>{"q4_0", "ggml q4_0 blocks: 1.125·d bytes (d % 32 == 0)"},
+    RecipeEntry<quant::Rotated<quant::Q4_0>>{
+        "rot_q4_0", "q4_0 of Hadamard-rotated K/V: 1.125·d bytes (d a power of 2, ≤ 256)"},
     RecipeEntry<quant::Fp8E4M3>{"fp8", "FP8 E4M3, fp32 scale per token: 2·d + 8 bytes"},
     RecipeEntry<quant::Fp8E5M2>{"fp8_e5m2", "FP8 E5M2, fp32 scale per token: 2·d + 8 bytes"}};
 
