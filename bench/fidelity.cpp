@@ -7,8 +7,11 @@
 // a 4096-token prompt, 16 decode steps and one final "question" step.
 //
 // For each scorer (Full, StreamingLLM, H2O, SnapKV, TOVA, Knorm, KeyDiff, Keyformer,
-// LazyEviction, CakeIndicator, WindowKV; ExpectedAttention and External need host calls this
-// loop does not make) × planner (Uniform, PyramidKV, AdaKV) × budget (1/2, 1/4, 1/8, 1/16 of the
+// LazyEviction, CakeIndicator, WindowKV, D2O<H2O>; ExpectedAttention and External need host
+// calls this loop does not make) × planner (Uniform, PyramidKV, AdaKV, Cake — its layer
+// shares re-split as each layer is observed, earlier layers squeezed at once — and PrefixKV,
+// which plans every layer together when the last layer is compressed) × budget (1/2, 1/4,
+// 1/8, 1/16 of the
 // prompt, as Budget::tokens), plus DuoAttention with its own planner (budget::DuoAttention:
 // retrieval heads keep every token, streaming heads min(64 sinks + 256 recent, budget)) and
 // roles calibrated on the synthetic prompt itself (evict::calibrate_head_roles on the
@@ -328,6 +331,16 @@ void add_scorer(std::vector<Job>& jobs, const Data& data, const Settings& settin
                     [&data, &settings, budget] {
                       return run_cache<Scorer>(data, settings, budget, kvc::budget::AdaKV{});
                     }});
+    jobs.push_back({std::string(Scorer::name()), std::string(kvc::budget::Cake::name()), divisor,
+                    [&data, &settings, budget] {
+                      return run_cache<Scorer>(
+                          data, settings, budget,
+                          kvc::budget::Cake({.window = settings.observe_window}));
+                    }});
+    jobs.push_back({std::string(Scorer::name()), std::string(kvc::budget::PrefixKV::name()),
+                    divisor, [&data, &settings, budget] {
+                      return run_cache<Scorer>(data, settings, budget, kvc::budget::PrefixKV{});
+                    }});
   }
 }
 
@@ -487,6 +500,7 @@ int run(int argc, char** argv) {
   add_scorer<kvc::evict::LazyEviction>(jobs, data, settings);
   add_scorer<kvc::evict::CakeIndicator>(jobs, data, settings);
   add_scorer<kvc::evict::WindowKV>(jobs, data, settings);
+  add_scorer<kvc::evict::D2O<kvc::evict::H2O>>(jobs, data, settings);
   const kvc::evict::HeadRoles duo_roles = calibrated_roles(data, settings);
   add_duo_attention(jobs, data, settings, duo_roles);
   const std::vector<RunOutput> outputs = run_all(jobs, settings.threads);

@@ -14,9 +14,12 @@
 //                            same cadence, so both see the same context lengths). The host
 //                            calls each scorer needs are timed as part of its step:
 //                            ExpectedAttention::stage_queries before the append,
-//                            External::supply per kv head; SnapKV and CakeIndicator observe
-//                            their window queries right before each compress (kvpress
-//                            DecodingPress style), timed as part of the compress.
+//                            External::supply per kv head; SnapKV, CakeIndicator and
+//                            WindowKV observe their window queries right before each
+//                            compress (kvpress DecodingPress style), timed as part of the
+//                            compress. DuoAttention runs with its default roles (half the
+//                            heads retrieval) under this budget (budget::Uniform), so every
+//                            head is scored: its scoring cost, not its memory saving.
 //
 // Each iteration is one decode step; the run is a fixed number of compress cycles (8 cycles
 // of 65 steps). The manual time of an iteration is the scorer's step + its compress cost
@@ -245,6 +248,9 @@ int main(int argc, char** argv) {
   add<kvc::evict::Keyformer>("Keyformer");
   add<kvc::evict::LazyEviction>("LazyEviction");
   add<kvc::evict::CakeIndicator>("CakeIndicator");
+  add<kvc::evict::WindowKV>("WindowKV");
+  add<kvc::evict::DuoAttention>("DuoAttention");
+  add<kvc::evict::D2O<kvc::evict::H2O>>("D2O");
   add<kvc::evict::External>("External");
 
   return kvc::bench::run_benchmarks(
