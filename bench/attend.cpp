@@ -4,7 +4,8 @@
 // Shapes: context 1K / 8K / 32K tokens (attend also 16K), head_dim 128, 8 kv heads, GQA
 // group 1 and 4 (8 and 32 query heads), one layer, one sequence, single thread. Formats:
 // Dense<float>, Dense<half>, Int8<>, Int8<32>, Q8_0, Q4_0, Fp8E4M3, Fp8E5M2, and
-// Rotated<Q4_0> / Rotated<Int8<>> (rot_q4_0, rot_int8: a Hadamard rotation in front).
+// Rotated<Q4_0> / Rotated<Int8<>> (rot_q4_0, rot_int8: a Hadamard rotation in front), and
+// Bfp<16, 4> / Bfp<32, 8> (bfp16_4, bfp32_8: block floating point, identity permutation).
 //
 //   BM_append_prefill<Q>/context/check_finite
 //                                      append `context` tokens in chunks of 512 into an
@@ -327,6 +328,20 @@ BENCHMARK(BM_append_decode<kvc::quant::Rotated<kvc::quant::Int8<>>>)
     ->Apply(append_shapes)
     ->Iterations(decode_appends)
     ->Unit(benchmark::kNanosecond);
+BENCHMARK(BM_append_prefill<kvc::quant::Bfp<16, 4>>)
+    ->Apply(append_shapes)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_append_decode<kvc::quant::Bfp<16, 4>>)
+    ->Apply(append_shapes)
+    ->Iterations(decode_appends)
+    ->Unit(benchmark::kNanosecond);
+BENCHMARK(BM_append_prefill<kvc::quant::Bfp<32, 8>>)
+    ->Apply(append_shapes)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_append_decode<kvc::quant::Bfp<32, 8>>)
+    ->Apply(append_shapes)
+    ->Iterations(decode_appends)
+    ->Unit(benchmark::kNanosecond);
 BENCHMARK(BM_append_prefill<kvc::quant::Fp8E4M3>)
     ->Apply(append_shapes)
     ->Unit(benchmark::kMicrosecond);
@@ -375,6 +390,14 @@ BENCHMARK(BM_attend_kvc<kvc::quant::Rotated<kvc::quant::Q4_0>>)
     ->ArgNames({"context", "group"})
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_attend_kvc<kvc::quant::Rotated<kvc::quant::Int8<>>>)
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::Bfp<16, 4>>)
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::Bfp<32, 8>>)
     ->Apply(contexts_and_groups)
     ->ArgNames({"context", "group"})
     ->Unit(benchmark::kMicrosecond);

@@ -9,7 +9,9 @@
 
 #include <kvc/backend/cpu.hpp>
 #include <kvc/budget/ada_kv.hpp>
+#include <kvc/budget/cake.hpp>
 #include <kvc/budget/duo_attention.hpp>
+#include <kvc/budget/prefix_kv.hpp>
 #include <kvc/budget/pyramid_kv.hpp>
 #include <kvc/budget/uniform.hpp>
 #include <kvc/core/concepts.hpp>
@@ -22,6 +24,7 @@
 #include <kvc/core/stats.hpp>
 #include <kvc/core/view.hpp>
 #include <kvc/evict/cake_indicator.hpp>
+#include <kvc/evict/d2o.hpp>
 #include <kvc/evict/duo_attention.hpp>
 #include <kvc/evict/expected_attention.hpp>
 #include <kvc/evict/external.hpp>
@@ -36,11 +39,13 @@
 #include <kvc/evict/tova.hpp>
 #include <kvc/evict/window_kv.hpp>
 #include <kvc/offload/none.hpp>
+#include <kvc/quant/bfp.hpp>
 #include <kvc/quant/dense.hpp>
 #include <kvc/quant/fp8.hpp>
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/q4_0.hpp>
 #include <kvc/quant/q8_0.hpp>
+#include <kvc/quant/rotated.hpp>
 #include <kvc/retrieval/exhaustive.hpp>
 #include <kvc/runtime/any_cache.hpp>
 #include <kvc/runtime/recipe.hpp>
