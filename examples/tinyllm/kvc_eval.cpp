@@ -9,7 +9,8 @@
 // holds token ids (tokenize_ids.py) for a model with its own tokenizer — the passkey and
 // lookup prompts are spelled in bytes, so only the byte-level model reads them as text.
 // Without --recipe it evaluates `full`, every evicting scorer of kvc::recipe_catalog() at
-// every budget (as `<scorer>:budget=<b>`), the PyramidKV planner, every quantizer alone and
+// every budget (as `<scorer>:budget=<b>`), the PyramidKV, AdaKV, CAKE and PrefixKV planners
+// at the middle budget, every quantizer alone and
 // SnapKV composed with each quantizer. Writes DIR/eval.json and DIR/eval.md; `bench/report
 // eval DIR/eval.json` draws the PNG plots (perplexity vs. bytes, the needle heat-map).
 // --check turns the invariants into the exit status (CI runs `kvc-eval --quick --check`):
@@ -124,6 +125,9 @@ std::vector<std::string> default_recipes(const std::vector<double>& budgets) {
   }
   const std::string mid = budget_text(budgets[budgets.size() / 2]);
   recipes.push_back("h2o:budget=" + mid + ",planner=pyramid");
+  recipes.push_back("snapkv:budget=" + mid + ",planner=adakv");
+  recipes.push_back("cake:budget=" + mid + ",planner=cake");
+  recipes.push_back("snapkv:budget=" + mid + ",planner=prefixkv");
   for (const auto& quant : quantizers) recipes.push_back(quant);
   for (const auto& quant : quantizers) recipes.push_back("snapkv:budget=" + mid + "+" + quant);
   return recipes;
