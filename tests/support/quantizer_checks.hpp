@@ -255,4 +255,52 @@ void check_host_types_encode_as_widened(const Q& quantizer, std::size_t d, unsig
   CHECK(from_host == from_float);
 }
 
+struct Errors {
+  double keys = 0;       // RMS of (stored key − original key) over all elements
+  double attention = 0;  // RMS of (attend − float64 attention on the original K/V)
+};
+
+// Stores k, v in a KvCache<Full, B> (built from `quantizer`) and attends q: the RMS error
+// of the stored keys and of the attention output against float64 on the original K/V.
+template <class B>
+Errors errors_vs_original(const B& quantizer, const Tensor3& k, const Tensor3& v,
+                          const Tensor3& q) {
+  const kvc::Geometry geometry{
+      .layers = 1, .q_heads = q.heads, .kv_heads = k.heads, .head_dim = k.dim};
+  kvc::KvCache<kvc::evict::Full, B> cache(geometry, {}, {}, quantizer);
+  const auto seq = cache.open_sequence();
+  cache.append(seq, 0, k.view(), v.view());
+  Tensor3 out(q.heads, q.tokens, q.dim);
+  cache.attend(seq, 0, q.view(), out.mutable_view());
+  const std::size_t group = q.heads / k.heads;
+  const auto positions = kvc::test::iota_positions(0, static_cast<kvc::Position>(k.tokens - 1));
+  double sum2 = 0;
+  for (std::size_t qh = 0; qh < q.heads; ++qh) {
+    const std::size_t h = qh / group;
+    for (std::size_t t = 0; t < q.tokens; ++t) {
+      std::vector<float> query(q.dim);
+      for (std::size_t c = 0; c < q.dim; ++c) query[c] = q.at(qh, t, c);
+      const auto position = static_cast<kvc::Position>(k.tokens - q.tokens + t);
+      const auto expected = kvc::test::reference_attention(
+          query, k.data.data() + h * k.tokens * k.dim, v.data.data() + h * v.tokens * v.dim,
+          positions, position, q.dim);
+      for (std::size_t c = 0; c < q.dim; ++c) {
+        const double e = double(out.at(qh, t, c)) - expected[c];
+        sum2 += e * e;
+      }
+    }
+  }
+  const kvc::DenseLayer stored = cache.export_dense(seq, 0);
+  double key2 = 0;
+  for (std::size_t h = 0; h < k.heads; ++h) {
+    for (std::size_t t = 0; t < k.tokens; ++t) {
+      for (std::size_t c = 0; c < k.dim; ++c) {
+        const double e = double(stored.keys[h](long(t), long(c))) - k.at(h, t, c);
+        key2 += e * e;
+      }
+    }
+  }
+  return {std::sqrt(key2 / double(k.data.size())), std::sqrt(sum2 / double(out.data.size()))};
+}
+
 }  // namespace kvc::test

@@ -63,6 +63,7 @@
 #include <kvc/core/element.hpp>
 #include <kvc/core/error.hpp>
 #include <kvc/core/events.hpp>
+#include <kvc/quant/token_codec.hpp>
 #include <kvc/simd/int8.hpp>
 #include <kvc/simd/kernels.hpp>
 
@@ -244,16 +245,10 @@ class Bfp {
 
   // The tiles widen the stored rows (keys in stored order: the queries were permuted).
   void score_tile(const ScoreTile& tile) const noexcept {
-    const std::size_t d = tile.head_dim;
-    widen(tile.key_codes, tile.tokens, d, tile.scratch);
-    simd::dot_block(tile.queries, tile.rows, d, tile.scratch, tile.tokens, d, d, tile.scores,
-                    tile.scores_stride);
+    detail::widened_score_tile(tile, row_bytes(tile.head_dim), decode);
   }
   void accumulate_tile(const AccumulateTile& tile) const noexcept {
-    const std::size_t d = tile.head_dim;
-    widen(tile.value_codes, tile.tokens, d, tile.scratch);
-    simd::axpy_block(tile.weights, tile.rows, tile.weights_stride, tile.scratch, tile.tokens, d, d,
-                     tile.acc, d);
+    detail::widened_accumulate_tile(tile, row_bytes(tile.head_dim), decode);
   }
 
   // One row in stored order (no permutation), the fast path the tiles use.
@@ -350,12 +345,6 @@ class Bfp {
         }
       }
     }
-  }
-
-  static void widen(const std::byte* codes, std::size_t tokens, std::size_t d,
-                    float* scratch) noexcept {
-    const std::size_t stride = row_bytes(d);
-    for (std::size_t j = 0; j < tokens; ++j) decode(codes + j * stride, d, scratch + j * d);
   }
 
   // O(1): a direct call outside a KvCache (which checks supports_head_dim once) must not

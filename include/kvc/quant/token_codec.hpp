@@ -19,6 +19,37 @@
 
 namespace kvc::quant {
 
+namespace detail {
+
+// The fused tiles of a format whose rows decode one by one (`decode(codes, d, out)`, rows
+// `row_bytes` apart): each token of the page tile is widened into the caller's L1 scratch
+// (page_tokens × d floats, never more), then simd::dot_block / simd::axpy_block serve all
+// query rows of the GQA group at once.
+template <class Decode>
+void widen_rows(const std::byte* codes, std::size_t tokens, std::size_t d, std::size_t row_bytes,
+                float* scratch, Decode decode) noexcept {
+  for (std::size_t j = 0; j < tokens; ++j) decode(codes + j * row_bytes, d, scratch + j * d);
+}
+
+template <class Decode>
+void widened_score_tile(const ScoreTile& tile, std::size_t row_bytes, Decode decode) noexcept {
+  const std::size_t d = tile.head_dim;
+  widen_rows(tile.key_codes, tile.tokens, d, row_bytes, tile.scratch, decode);
+  simd::dot_block(tile.queries, tile.rows, d, tile.scratch, tile.tokens, d, d, tile.scores,
+                  tile.scores_stride);
+}
+
+template <class Decode>
+void widened_accumulate_tile(const AccumulateTile& tile, std::size_t row_bytes,
+                             Decode decode) noexcept {
+  const std::size_t d = tile.head_dim;
+  widen_rows(tile.value_codes, tile.tokens, d, row_bytes, tile.scratch, decode);
+  simd::axpy_block(tile.weights, tile.rows, tile.weights_stride, tile.scratch, tile.tokens, d, d,
+                   tile.acc, d);
+}
+
+}  // namespace detail
+
 template <class Format>
 struct TokenCodec {
   constexpr std::size_t key_bytes(std::size_t head_dim) const noexcept {
@@ -45,24 +76,11 @@ struct TokenCodec {
   }
 
   void score_tile(const ScoreTile& tile) const noexcept {
-    const std::size_t d = tile.head_dim;
-    widen(tile.key_codes, tile.tokens, d, tile.scratch);
-    simd::dot_block(tile.queries, tile.rows, d, tile.scratch, tile.tokens, d, d, tile.scores,
-                    tile.scores_stride);
+    detail::widened_score_tile(tile, Format::row_bytes(tile.head_dim), Format::decode);
   }
 
   void accumulate_tile(const AccumulateTile& tile) const noexcept {
-    const std::size_t d = tile.head_dim;
-    widen(tile.value_codes, tile.tokens, d, tile.scratch);
-    simd::axpy_block(tile.weights, tile.rows, tile.weights_stride, tile.scratch, tile.tokens, d, d,
-                     tile.acc, d);
-  }
-
- private:
-  static void widen(const std::byte* codes, std::size_t tokens, std::size_t d,
-                    float* scratch) noexcept {
-    const std::size_t stride = Format::row_bytes(d);
-    for (std::size_t j = 0; j < tokens; ++j) Format::decode(codes + j * stride, d, scratch + j * d);
+    detail::widened_accumulate_tile(tile, Format::row_bytes(tile.head_dim), Format::decode);
   }
 };
 
