@@ -42,11 +42,14 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <fstream>
+#include <limits>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -248,6 +251,80 @@ void BM_attend_eigen_f32(benchmark::State& state) {
   state.SetLabel("eigen_f32");
 }
 
+// ---- quality --------------------------------------------------------------------------------
+
+// What each format costs in accuracy, beside what it costs in time: one decode step (GQA 4,
+// 4K context) on keys with outlier channels as real models have them (channels 3, 40, 77
+// and 100 scaled ×12; otherwise N(0, 1)), values N(0, 1), queries N(0, 2²), against the
+// float64 attention of the unquantized K/V. Not timed (one iteration); counters only:
+//   attention_error     ‖out − out_f64‖₂ / ‖out_f64‖₂ over all query heads
+//   bytes_per_token     K + V bytes of one token and kv head as stored
+//   compression_vs_f16  (4 · head_dim) / bytes_per_token
+// calibrated: a Bfp built with calibrate_permutation on the first 512 keys of kv head 0
+// (label "+perm"); otherwise the default-constructed format.
+template <class Quant, bool calibrated = false>
+void BM_attend_quality(benchmark::State& state) {
+  constexpr std::size_t tokens = 4096, group = 4, q_heads = kv_heads * group;
+  static const auto inputs = [] {
+    std::array<std::vector<float>, 3> kvq{random_floats(kv_heads * tokens * head_dim, 11),
+                                          random_floats(kv_heads * tokens * head_dim, 12),
+                                          random_floats(q_heads * head_dim, 13)};
+    for (std::size_t row = 0; row < kv_heads * tokens; ++row) {
+      for (std::size_t c : {3, 40, 77, 100}) kvq[0][row * head_dim + c] *= 12.0F;
+    }
+    for (float& x : kvq[2]) x *= 2.0F;
+    return kvq;
+  }();
+  const auto& [keys, values, query] = inputs;
+  Quant quantizer{};
+  if constexpr (calibrated) {
+    quantizer = Quant(Quant::calibrate_permutation(
+        std::span<const float>(keys.data(), 512 * head_dim), 512, head_dim));
+  }
+  Cache<Quant> cache(geometry_for(group), {}, {}, quantizer);
+  const kvc::SequenceId sequence = cache.open_sequence();
+  cache.append(sequence, 0, kvc::View<const float, 3>(keys.data(), {kv_heads, tokens, head_dim}),
+               kvc::View<const float, 3>(values.data(), {kv_heads, tokens, head_dim}));
+  std::vector<float> output(q_heads * head_dim);
+  for (auto _ : state) {
+    cache.attend(sequence, 0, kvc::View<const float, 3>(query.data(), {q_heads, 1, head_dim}),
+                 kvc::View<float, 3>(output.data(), {q_heads, 1, head_dim}));
+    benchmark::DoNotOptimize(output.data());
+  }
+  double difference = 0.0, norm = 0.0;
+  std::vector<double> weights(tokens);
+  for (std::size_t head = 0; head < q_heads; ++head) {
+    const std::size_t h = head / group;
+    const float* q = query.data() + head * head_dim;
+    double max = -std::numeric_limits<double>::infinity();
+    for (std::size_t i = 0; i < tokens; ++i) {
+      const float* k = keys.data() + (h * tokens + i) * head_dim;
+      double dot = 0.0;
+      for (std::size_t c = 0; c < head_dim; ++c) dot += double(q[c]) * double(k[c]);
+      weights[i] = dot / std::sqrt(double(head_dim));
+      max = std::max(max, weights[i]);
+    }
+    double total = 0.0;
+    for (double& w : weights) total += (w = std::exp(w - max));
+    for (std::size_t c = 0; c < head_dim; ++c) {
+      double expected = 0.0;
+      for (std::size_t i = 0; i < tokens; ++i) {
+        expected += weights[i] * double(values[(h * tokens + i) * head_dim + c]);
+      }
+      expected /= total;
+      const double delta = double(output[head * head_dim + c]) - expected;
+      difference += delta * delta;
+      norm += expected * expected;
+    }
+  }
+  const std::size_t bytes = stored_token_bytes<Quant>();
+  state.counters["attention_error"] = std::sqrt(difference / norm);
+  state.counters["bytes_per_token"] = static_cast<double>(bytes);
+  state.counters["compression_vs_f16"] =
+      static_cast<double>(4 * head_dim) / static_cast<double>(bytes);
+  state.SetLabel(std::string(Quant::name()) + (calibrated ? "+perm" : ""));
+}
+
 // ---- DRAM floor ---------------------------------------------------------------------------
 
 // A STREAM-like read: the sum of a 512 MiB float array (far larger than any cache), with
@@ -416,3 +493,19 @@ int main(int argc, char** argv) {
                                                 "prefill chunk {}",
                                                 kv_heads, head_dim, prefill_chunk));
 }
+
+BENCHMARK(BM_attend_quality<kvc::quant::Dense<float>>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Dense<Eigen::half>>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Dense<Eigen::bfloat16>>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Int8<>>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Int8<32>>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Q8_0>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Q4_0>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Rotated<kvc::quant::Q4_0>>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Rotated<kvc::quant::Int8<>>>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Bfp<16, 4>>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Bfp<16, 4>, true>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Bfp<32, 8>>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Bfp<32, 8>, true>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Fp8E4M3>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Fp8E5M2>)->Iterations(1);
