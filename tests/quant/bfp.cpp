@@ -29,6 +29,7 @@ namespace {
 
 using kvc::quant::Bfp;
 using kvc::quant::Dense;
+using kvc::test::AsTheCacheCalls;
 using kvc::test::check_end_to_end;
 using kvc::test::Errors;
 using kvc::test::errors_vs_original;
@@ -123,37 +124,6 @@ std::vector<float> random_row(std::mt19937& rng, std::size_t d, float spread,
   for (std::size_t c = 0; c < d; ++c) x[c] = normal(rng) * spread * (c % 37 == 5 ? outlier : 1.0F);
   return x;
 }
-
-// Drives Bfp's tiles as KvCache does: the query rows go through prepare_queries before
-// score_tile (values are stored unpermuted: accumulate_tile needs nothing). So
-// check_tile_kernels can compare with float64 on decode_key / decode_value (channel order).
-template <class B>
-struct AsTheCacheCalls {
-  B bfp{};
-  std::size_t key_bytes(std::size_t d) const { return bfp.key_bytes(d); }
-  std::size_t value_bytes(std::size_t d) const { return bfp.value_bytes(d); }
-  template <class S>
-  void encode_key(const S* x, std::size_t d, std::byte* codes) const {
-    bfp.encode_key(x, d, codes);
-  }
-  template <class S>
-  void encode_value(const S* x, std::size_t d, std::byte* codes) const {
-    bfp.encode_value(x, d, codes);
-  }
-  void decode_key(const std::byte* codes, std::size_t d, float* out) const {
-    bfp.decode_key(codes, d, out);
-  }
-  void decode_value(const std::byte* codes, std::size_t d, float* out) const {
-    bfp.decode_value(codes, d, out);
-  }
-  void score_tile(kvc::ScoreTile tile) const {
-    std::vector<float> queries(tile.queries, tile.queries + tile.rows * tile.head_dim);
-    bfp.prepare_queries(queries.data(), tile.rows, tile.head_dim);
-    tile.queries = queries.data();
-    bfp.score_tile(tile);
-  }
-  void accumulate_tile(const kvc::AccumulateTile& tile) const { bfp.accumulate_tile(tile); }
-};
 
 // A permuted Bfp cache against a Dense<float> cache fed the rows Bfp decodes to: the same
 // tokens kept (H2O after attend, SnapKV after observe: both read scores of the permuted

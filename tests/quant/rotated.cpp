@@ -32,6 +32,7 @@ using kvc::quant::Dense;
 using kvc::quant::Int8;
 using kvc::quant::Q4_0;
 using kvc::quant::Rotated;
+using kvc::test::AsTheCacheCalls;
 using kvc::test::check_end_to_end;
 using kvc::test::Errors;
 using kvc::test::errors_vs_original;
@@ -60,46 +61,6 @@ std::vector<float> random_row(std::mt19937& rng, std::size_t d, float outlier = 
   for (std::size_t c = 0; c < d; ++c) x[c] = normal(rng) * (c == 5 ? outlier : 1.0F);
   return x;
 }
-
-// Drives a Rotated quantizer's tiles as KvCache does: queries through prepare_queries
-// before score_tile; each block's accumulator starts at 0 and goes through finish_outputs
-// before it is used (here: added to the caller's acc). So check_tile_kernels can compare
-// it with float64 on decode_key / decode_value, the unrotated rows.
-template <class R>
-struct AsTheCacheCalls {
-  R rotated{};
-  std::size_t key_bytes(std::size_t d) const { return rotated.key_bytes(d); }
-  std::size_t value_bytes(std::size_t d) const { return rotated.value_bytes(d); }
-  template <class S>
-  void encode_key(const S* x, std::size_t d, std::byte* codes) const {
-    rotated.encode_key(x, d, codes);
-  }
-  template <class S>
-  void encode_value(const S* x, std::size_t d, std::byte* codes) const {
-    rotated.encode_value(x, d, codes);
-  }
-  void decode_key(const std::byte* codes, std::size_t d, float* out) const {
-    rotated.decode_key(codes, d, out);
-  }
-  void decode_value(const std::byte* codes, std::size_t d, float* out) const {
-    rotated.decode_value(codes, d, out);
-  }
-  void score_tile(kvc::ScoreTile tile) const {
-    std::vector<float> queries(tile.queries, tile.queries + tile.rows * tile.head_dim);
-    rotated.prepare_queries(queries.data(), tile.rows, tile.head_dim);
-    tile.queries = queries.data();
-    rotated.score_tile(tile);
-  }
-  void accumulate_tile(kvc::AccumulateTile tile) const {
-    const std::size_t n = tile.rows * tile.head_dim;
-    std::vector<float> block(n, 0.0F);
-    float* acc = tile.acc;
-    tile.acc = block.data();
-    rotated.accumulate_tile(tile);
-    rotated.finish_outputs(block.data(), tile.rows, tile.head_dim);
-    for (std::size_t i = 0; i < n; ++i) acc[i] += block[i];
-  }
-};
 
 // Q4_0's bound per element of the row it encodes (tests/quant/q4_0.cpp, the looser top-code
 // case for every element): |y − ŷ| ≤ |d| + 8·|d − fp16(d)| per block of 32.

@@ -303,4 +303,48 @@ Errors errors_vs_original(const B& quantizer, const Tensor3& k, const Tensor3& v
   return {std::sqrt(key2 / double(k.data.size())), std::sqrt(sum2 / double(out.data.size()))};
 }
 
+// Drives a quantizer's tiles as KvCache does, so that check_tile_kernels can compare them
+// with float64 on decode_key / decode_value: the query rows go through prepare_queries
+// (PreparesQueries) before score_tile, and each tile's accumulator starts at 0 and goes
+// through finish_outputs (FinishesOutputs) before it is added to the caller's acc.
+template <class Q>
+struct AsTheCacheCalls {
+  Q quantizer{};
+  std::size_t key_bytes(std::size_t d) const { return quantizer.key_bytes(d); }
+  std::size_t value_bytes(std::size_t d) const { return quantizer.value_bytes(d); }
+  template <class S>
+  void encode_key(const S* x, std::size_t d, std::byte* codes) const {
+    quantizer.encode_key(x, d, codes);
+  }
+  template <class S>
+  void encode_value(const S* x, std::size_t d, std::byte* codes) const {
+    quantizer.encode_value(x, d, codes);
+  }
+  void decode_key(const std::byte* codes, std::size_t d, float* out) const {
+    quantizer.decode_key(codes, d, out);
+  }
+  void decode_value(const std::byte* codes, std::size_t d, float* out) const {
+    quantizer.decode_value(codes, d, out);
+  }
+  void score_tile(kvc::ScoreTile tile) const {
+    std::vector<float> queries(tile.queries, tile.queries + tile.rows * tile.head_dim);
+    if constexpr (kvc::PreparesQueries<Q>) {
+      quantizer.prepare_queries(queries.data(), tile.rows, tile.head_dim);
+    }
+    tile.queries = queries.data();
+    quantizer.score_tile(tile);
+  }
+  void accumulate_tile(kvc::AccumulateTile tile) const {
+    const std::size_t n = tile.rows * tile.head_dim;
+    std::vector<float> block(n, 0.0F);
+    float* acc = tile.acc;
+    tile.acc = block.data();
+    quantizer.accumulate_tile(tile);
+    if constexpr (kvc::FinishesOutputs<Q>) {
+      quantizer.finish_outputs(block.data(), tile.rows, tile.head_dim);
+    }
+    for (std::size_t i = 0; i < n; ++i) acc[i] += block[i];
+  }
+};
+
 }  // namespace kvc::test
