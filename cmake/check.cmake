@@ -42,7 +42,10 @@ endif()
 
 if("asan" IN_LIST STEPS)
   kvc_banner("kvc check [asan]: Debug -O1, KVC_SANITIZE=ON (ASan + UBSan), unit tests")
-  kvc_configure("${build}/asan" -DCMAKE_BUILD_TYPE=Debug "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g"
+  # -g1 (line tables, enough for ASan/UBSan stack traces) rather than -g: the recipe test's
+  # TU, which instantiates every (scorer, quantizer) KvCache, compiles in 405 s instead of
+  # 541 s under the sanitizers, and it is this stage's long pole.
+  kvc_configure("${build}/asan" -DCMAKE_BUILD_TYPE=Debug "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g1"
     -DKVC_SANITIZE=ON -DKVC_WERROR=OFF -DKVC_ENABLE_CUDA=OFF
     -DKVC_BUILD_TESTS=ON -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=OFF)
   kvc_run("${CMAKE_COMMAND}" --build "${build}/asan" --target kvc_tests -j ${KVC_JOBS})
