@@ -31,6 +31,7 @@ using kvc::quant::Bfp;
 using kvc::quant::Dense;
 using kvc::test::AsTheCacheCalls;
 using kvc::test::check_end_to_end;
+using kvc::test::check_same_as_dense;
 using kvc::test::Errors;
 using kvc::test::errors_vs_original;
 using kvc::test::random_tensor;
@@ -123,81 +124,6 @@ std::vector<float> random_row(std::mt19937& rng, std::size_t d, float spread,
   std::vector<float> x(d);
   for (std::size_t c = 0; c < d; ++c) x[c] = normal(rng) * spread * (c % 37 == 5 ? outlier : 1.0F);
   return x;
-}
-
-// A permuted Bfp cache against a Dense<float> cache fed the rows Bfp decodes to: the same
-// tokens kept (H2O after attend, SnapKV after observe: both read scores of the permuted
-// queries on the permuted keys) and the same outputs.
-template <class Scorer, class B>
-void check_against_dense(Scorer scorer, const B& quantizer, std::size_t budget, bool observe) {
-  const kvc::Geometry geometry{.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64};
-  const kvc::CacheOptions options{
-      .budget = kvc::Budget::tokens(budget), .page_tokens = 16, .auto_compress = false};
-  kvc::KvCache<Scorer, B> bfp_cache(geometry, options, scorer, quantizer);
-  kvc::KvCache<Scorer, Dense<float>> dense(geometry, options, scorer);
-  const auto round_trip = [&](const Tensor3& x, bool keys) {
-    Tensor3 y = x;
-    std::vector<std::byte> row(quantizer.key_bytes(x.dim));
-    for (std::size_t r = 0; r < x.heads * x.tokens; ++r) {
-      if (keys) {
-        quantizer.encode_key(x.data.data() + r * x.dim, x.dim, row.data());
-        quantizer.decode_key(row.data(), x.dim, y.data.data() + r * x.dim);
-      } else {
-        quantizer.encode_value(x.data.data() + r * x.dim, x.dim, row.data());
-        quantizer.decode_value(row.data(), x.dim, y.data.data() + r * x.dim);
-      }
-    }
-    return y;
-  };
-  const auto append_both = [&](auto a, auto b, const Tensor3& k, const Tensor3& v) {
-    bfp_cache.append(a, 0, k.view(), v.view());
-    dense.append(b, 0, round_trip(k, true).view(), round_trip(v, false).view());
-  };
-  const auto same_contents = [&](auto a, auto b) {
-    const kvc::DenseLayer x = bfp_cache.export_dense(a, 0);
-    const kvc::DenseLayer y = dense.export_dense(b, 0);
-    for (std::size_t h = 0; h < geometry.kv_heads; ++h) {
-      REQUIRE(x.positions[h] == y.positions[h]);
-      REQUIRE(x.keys[h] == y.keys[h]);
-      REQUIRE(x.values[h] == y.values[h]);
-    }
-  };
-  std::mt19937 rng(17);
-  const auto s_bfp = bfp_cache.open_sequence();
-  const auto s_dense = dense.open_sequence();
-  Tensor3 k = random_tensor(rng, 2, 293, 64);
-  for (std::size_t t = 0; t < 293; ++t) k.at(0, t, 9) *= 12.0F;  // an outlier channel
-  append_both(s_bfp, s_dense, k, random_tensor(rng, 2, 293, 64));
-  const Tensor3 window = random_tensor(rng, 8, 16, 64);
-  if (observe) {
-    bfp_cache.observe(s_bfp, 0, window.view());
-    dense.observe(s_dense, 0, window.view());
-  } else {
-    Tensor3 out(8, 16, 64), out_dense(8, 16, 64);
-    bfp_cache.attend(s_bfp, 0, window.view(), out.mutable_view());
-    dense.attend(s_dense, 0, window.view(), out_dense.mutable_view());
-    REQUIRE(kvc::test::attend_error(bfp_cache, s_bfp, 0, window, out) < 1e-4);
-  }
-  bfp_cache.compress(s_bfp);
-  dense.compress(s_dense);
-  same_contents(s_bfp, s_dense);
-  CHECK(bfp_cache.stats().tokens_stored == 2 * budget);
-  Tensor3 out(8, 1, 64), out_dense(8, 1, 64);
-  for (std::size_t step = 0; step < 20; ++step) {
-    append_both(s_bfp, s_dense, random_tensor(rng, 2, 1, 64), random_tensor(rng, 2, 1, 64));
-    const Tensor3 q = random_tensor(rng, 8, 1, 64);
-    bfp_cache.attend(s_bfp, 0, q.view(), out.mutable_view());
-    dense.attend(s_dense, 0, q.view(), out_dense.mutable_view());
-    REQUIRE(kvc::test::attend_error(bfp_cache, s_bfp, 0, q, out) < 1e-4);
-    for (std::size_t i = 0; i < out.data.size(); ++i) {
-      REQUIRE(out.data[i] == Approx(out_dense.data[i]).margin(1e-5));
-    }
-    bfp_cache.compress(s_bfp);
-    dense.compress(s_dense);
-    same_contents(s_bfp, s_dense);
-  }
-  const auto stats = bfp_cache.stats();
-  CHECK(stats.code_bytes == 2 * budget * (quantizer.key_bytes(64) + quantizer.value_bytes(64)));
 }
 
 // Keys N(0, 1) except 8 outlier channels spread over the blocks (one per block of 16), each
@@ -445,20 +371,20 @@ TEST_CASE("Bfp in a KvCache: attend on codes matches float64 on the stored K/V",
 
 TEST_CASE("H2O with a permuted Bfp keeps what H2O keeps on the decoded tokens", "[bfp]") {
   std::mt19937 rng(41);
-  check_against_dense(kvc::evict::H2O({.recent_tokens = 16}), Bfp16x4(random_permutation(rng, 64)),
-                      64, false);
-  check_against_dense(kvc::evict::H2O({.recent_tokens = 8}), Bfp32x8(random_permutation(rng, 64)),
-                      48, false);
+  check_same_as_dense(kvc::evict::H2O({.recent_tokens = 16}), Bfp16x4(random_permutation(rng, 64)),
+                      64, false, 12.0F);
+  check_same_as_dense(kvc::evict::H2O({.recent_tokens = 8}), Bfp32x8(random_permutation(rng, 64)),
+                      48, false, 12.0F);
 }
 
 TEST_CASE("SnapKV with a permuted Bfp keeps what SnapKV keeps on the decoded tokens", "[bfp]") {
   // observe() must permute its window queries too: unpermuted, their scores against the
   // permuted keys would be meaningless and SnapKV would keep other tokens.
   std::mt19937 rng(43);
-  check_against_dense(kvc::evict::SnapKV({.window = 16}), Bfp16x4(random_permutation(rng, 64)), 64,
-                      true);
-  check_against_dense(kvc::evict::SnapKV({.window = 16}), Bfp32x8(random_permutation(rng, 64)), 64,
-                      true);
+  check_same_as_dense(kvc::evict::SnapKV({.window = 16}), Bfp16x4(random_permutation(rng, 64)), 64,
+                      true, 12.0F);
+  check_same_as_dense(kvc::evict::SnapKV({.window = 16}), Bfp32x8(random_permutation(rng, 64)), 64,
+                      true, 12.0F);
 }
 
 TEST_CASE("Bfp with a calibrated permutation beats the identity on outlier channels", "[bfp]") {

@@ -28,6 +28,7 @@ namespace {
 using kvc::quant::Fp8E4M3;
 using kvc::quant::Fp8E5M2;
 using kvc::test::check_end_to_end;
+using kvc::test::check_same_as_dense;
 using kvc::test::check_tile_kernels;
 using kvc::test::random_tensor;
 using kvc::test::Tensor3;
@@ -228,75 +229,6 @@ void check_adversarial() {
   }
 }
 
-// attend on the FP8 cache vs the same scorer on a Dense<float> cache that is given the FP8
-// round trip of every appended token: the same tokens must survive, the stored values must
-// be identical, and attend must match float64 attention on the kept (decoded) tokens.
-template <class Scorer, class Q>
-void check_against_dense(Scorer scorer, std::size_t budget, bool observe) {
-  const kvc::Geometry geometry{.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64};
-  const kvc::CacheOptions options{
-      .budget = kvc::Budget::tokens(budget), .page_tokens = 16, .auto_compress = false};
-  kvc::KvCache<Scorer, Q> fp8(geometry, options, scorer);
-  kvc::KvCache<Scorer, kvc::quant::Dense<float>> dense(geometry, options, scorer);
-  const auto round_trip = [](const Tensor3& x) {
-    Tensor3 y = x;
-    std::vector<std::byte> row(Q{}.key_bytes(x.dim));
-    for (std::size_t r = 0; r < x.heads * x.tokens; ++r) {
-      Q{}.encode_key(x.data.data() + r * x.dim, x.dim, row.data());
-      Q{}.decode_key(row.data(), x.dim, y.data.data() + r * x.dim);
-    }
-    return y;
-  };
-  const auto append_both = [&](auto seq_fp8, auto seq_dense, const Tensor3& k, const Tensor3& v) {
-    fp8.append(seq_fp8, 0, k.view(), v.view());
-    dense.append(seq_dense, 0, round_trip(k).view(), round_trip(v).view());
-  };
-  const auto same_contents = [&](auto seq_fp8, auto seq_dense) {
-    const kvc::DenseLayer a = fp8.export_dense(seq_fp8, 0);
-    const kvc::DenseLayer b = dense.export_dense(seq_dense, 0);
-    for (std::size_t h = 0; h < geometry.kv_heads; ++h) {
-      REQUIRE(a.positions[h] == b.positions[h]);
-      REQUIRE(a.keys[h] == b.keys[h]);
-      REQUIRE(a.values[h] == b.values[h]);
-    }
-  };
-  std::mt19937 rng(17);
-  const auto s_fp8 = fp8.open_sequence();
-  const auto s_dense = dense.open_sequence();
-  append_both(s_fp8, s_dense, random_tensor(rng, 2, 293, 64), random_tensor(rng, 2, 293, 64));
-  const Tensor3 window = random_tensor(rng, 8, 16, 64);
-  if (observe) {
-    fp8.observe(s_fp8, 0, window.view());
-    dense.observe(s_dense, 0, window.view());
-  } else {
-    Tensor3 out(8, 16, 64), out_dense(8, 16, 64);
-    fp8.attend(s_fp8, 0, window.view(), out.mutable_view());
-    dense.attend(s_dense, 0, window.view(), out_dense.mutable_view());
-    REQUIRE(kvc::test::attend_error(fp8, s_fp8, 0, window, out) < 1e-4);
-  }
-  fp8.compress(s_fp8);
-  dense.compress(s_dense);
-  same_contents(s_fp8, s_dense);
-  CHECK(fp8.stats().tokens_stored == 2 * budget);
-  Tensor3 out(8, 1, 64), out_dense(8, 1, 64);
-  for (std::size_t step = 0; step < 20; ++step) {
-    append_both(s_fp8, s_dense, random_tensor(rng, 2, 1, 64), random_tensor(rng, 2, 1, 64));
-    const Tensor3 q = random_tensor(rng, 8, 1, 64);
-    fp8.attend(s_fp8, 0, q.view(), out.mutable_view());
-    dense.attend(s_dense, 0, q.view(), out_dense.mutable_view());
-    REQUIRE(kvc::test::attend_error(fp8, s_fp8, 0, q, out) < 1e-4);
-    for (std::size_t i = 0; i < out.data.size(); ++i) {
-      REQUIRE(out.data[i] == Approx(out_dense.data[i]).margin(1e-5));
-    }
-    fp8.compress(s_fp8);
-    dense.compress(s_dense);
-    same_contents(s_fp8, s_dense);
-  }
-  const auto stats = fp8.stats();
-  CHECK(stats.tokens_stored == 2 * budget);
-  CHECK(stats.code_bytes == 2 * budget * 2 * (64 + 4));  // 2 heads × budget × (K + V rows)
-}
-
 template <class Q>
 void check_rejects_non_finite() {
   const kvc::Geometry geometry{.layers = 1, .q_heads = 4, .kv_heads = 2, .head_dim = 8};
@@ -433,9 +365,9 @@ TEST_CASE("Fp8 in a KvCache: attend on codes matches float64 on the stored K/V",
 }
 
 TEST_CASE("H2O with Fp8E4M3 keeps what H2O keeps on the decoded tokens", "[fp8]") {
-  check_against_dense<kvc::evict::H2O, Fp8E4M3>(kvc::evict::H2O({.recent_tokens = 16}), 64, false);
+  check_same_as_dense(kvc::evict::H2O({.recent_tokens = 16}), Fp8E4M3{}, 64, false);
 }
 
 TEST_CASE("SnapKV with Fp8E5M2 keeps what SnapKV keeps on the decoded tokens", "[fp8]") {
-  check_against_dense<kvc::evict::SnapKV, Fp8E5M2>(kvc::evict::SnapKV({.window = 16}), 64, true);
+  check_same_as_dense(kvc::evict::SnapKV({.window = 16}), Fp8E5M2{}, 64, true);
 }

@@ -34,6 +34,7 @@ using kvc::quant::Q4_0;
 using kvc::quant::Rotated;
 using kvc::test::AsTheCacheCalls;
 using kvc::test::check_end_to_end;
+using kvc::test::check_same_as_dense;
 using kvc::test::Errors;
 using kvc::test::errors_vs_original;
 using kvc::test::random_tensor;
@@ -110,72 +111,6 @@ void check_round_trip(const std::vector<float>& x, Bounds bounds) {
   }
   const double rounding = (std::log2(double(d)) + 3) * 0x1p-24 * (l1 + decoded_l1);
   REQUIRE(std::sqrt(error2) <= std::sqrt(bound2) + std::sqrt(double(d)) * rounding);
-}
-
-// Rotated<Q> against a Dense<float> cache fed the rows Rotated<Q> decodes to: the same
-// tokens kept (H2O after attend, SnapKV after observe) and the same outputs.
-template <class Scorer, class Q>
-void check_against_dense(Scorer scorer, std::size_t budget, bool observe) {
-  const kvc::Geometry geometry{.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64};
-  const kvc::CacheOptions options{
-      .budget = kvc::Budget::tokens(budget), .page_tokens = 16, .auto_compress = false};
-  kvc::KvCache<Scorer, Rotated<Q>> rotated_cache(geometry, options, scorer);
-  kvc::KvCache<Scorer, Dense<float>> dense(geometry, options, scorer);
-  const auto round_trip = [](const Tensor3& x) {
-    Tensor3 y = x;
-    const Rotated<Q> rotated_q;
-    std::vector<std::byte> row(rotated_q.key_bytes(x.dim));
-    for (std::size_t r = 0; r < x.heads * x.tokens; ++r) {
-      rotated_q.encode_key(x.data.data() + r * x.dim, x.dim, row.data());
-      rotated_q.decode_key(row.data(), x.dim, y.data.data() + r * x.dim);
-    }
-    return y;
-  };
-  const auto append_both = [&](auto a, auto b, const Tensor3& k, const Tensor3& v) {
-    rotated_cache.append(a, 0, k.view(), v.view());
-    dense.append(b, 0, round_trip(k).view(), round_trip(v).view());
-  };
-  const auto same_contents = [&](auto a, auto b) {
-    const kvc::DenseLayer x = rotated_cache.export_dense(a, 0);
-    const kvc::DenseLayer y = dense.export_dense(b, 0);
-    for (std::size_t h = 0; h < geometry.kv_heads; ++h) {
-      REQUIRE(x.positions[h] == y.positions[h]);
-      REQUIRE(x.keys[h] == y.keys[h]);
-      REQUIRE(x.values[h] == y.values[h]);
-    }
-  };
-  std::mt19937 rng(17);
-  const auto s_rotated = rotated_cache.open_sequence();
-  const auto s_dense = dense.open_sequence();
-  append_both(s_rotated, s_dense, random_tensor(rng, 2, 293, 64), random_tensor(rng, 2, 293, 64));
-  const Tensor3 window = random_tensor(rng, 8, 16, 64);
-  if (observe) {
-    rotated_cache.observe(s_rotated, 0, window.view());
-    dense.observe(s_dense, 0, window.view());
-  } else {
-    Tensor3 out(8, 16, 64), out_dense(8, 16, 64);
-    rotated_cache.attend(s_rotated, 0, window.view(), out.mutable_view());
-    dense.attend(s_dense, 0, window.view(), out_dense.mutable_view());
-    REQUIRE(kvc::test::attend_error(rotated_cache, s_rotated, 0, window, out) < 1e-4);
-  }
-  rotated_cache.compress(s_rotated);
-  dense.compress(s_dense);
-  same_contents(s_rotated, s_dense);
-  CHECK(rotated_cache.stats().tokens_stored == 2 * budget);
-  Tensor3 out(8, 1, 64), out_dense(8, 1, 64);
-  for (std::size_t step = 0; step < 20; ++step) {
-    append_both(s_rotated, s_dense, random_tensor(rng, 2, 1, 64), random_tensor(rng, 2, 1, 64));
-    const Tensor3 q = random_tensor(rng, 8, 1, 64);
-    rotated_cache.attend(s_rotated, 0, q.view(), out.mutable_view());
-    dense.attend(s_dense, 0, q.view(), out_dense.mutable_view());
-    REQUIRE(kvc::test::attend_error(rotated_cache, s_rotated, 0, q, out) < 1e-4);
-    for (std::size_t i = 0; i < out.data.size(); ++i) {
-      REQUIRE(out.data[i] == Approx(out_dense.data[i]).margin(1e-5));
-    }
-    rotated_cache.compress(s_rotated);
-    dense.compress(s_dense);
-    same_contents(s_rotated, s_dense);
-  }
 }
 
 }  // namespace
@@ -287,13 +222,13 @@ TEST_CASE("Rotated in a KvCache: attend on codes matches float64 on the stored K
 }
 
 TEST_CASE("H2O with Rotated<Q4_0> keeps what H2O keeps on the decoded tokens", "[rotated]") {
-  check_against_dense<kvc::evict::H2O, Q4_0>(kvc::evict::H2O({.recent_tokens = 16}), 64, false);
+  check_same_as_dense(kvc::evict::H2O({.recent_tokens = 16}), Rotated<Q4_0>{}, 64, false);
 }
 
 TEST_CASE("SnapKV with Rotated<Q4_0> keeps what SnapKV keeps on the decoded tokens", "[rotated]") {
   // observe() must rotate its window queries too: unrotated, their scores against the
   // rotated keys would be meaningless and SnapKV would keep other tokens.
-  check_against_dense<kvc::evict::SnapKV, Q4_0>(kvc::evict::SnapKV({.window = 16}), 64, true);
+  check_same_as_dense(kvc::evict::SnapKV({.window = 16}), Rotated<Q4_0>{}, 64, true);
 }
 
 TEST_CASE("Rotated<Dense<float>> attends like Dense<float> to fp32 rounding", "[rotated]") {

@@ -11,6 +11,7 @@
 
 #include "reference.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -346,5 +347,84 @@ struct AsTheCacheCalls {
     for (std::size_t i = 0; i < n; ++i) acc[i] += block[i];
   }
 };
+
+// Q against a Dense<float> cache fed the rows Q decodes to, with the same scorer: the same
+// tokens survive (H2O after attend, SnapKV after observe: the scores are read on the codes,
+// through prepare_queries where Q has it), the stored rows are identical, and attend matches
+// float64 attention on the kept (decoded) tokens and the dense cache's output. Channel 9 of
+// kv head 0's prompt keys is scaled by `key_outlier`.
+template <class Scorer, class Q>
+void check_same_as_dense(Scorer scorer, const Q& quantizer, std::size_t budget, bool observe,
+                         float key_outlier = 1.0F) {
+  const kvc::Geometry geometry{.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64};
+  const kvc::CacheOptions options{
+      .budget = kvc::Budget::tokens(budget), .page_tokens = 16, .auto_compress = false};
+  kvc::KvCache<Scorer, Q> coded(geometry, options, scorer, quantizer);
+  kvc::KvCache<Scorer, kvc::quant::Dense<float>> dense(geometry, options, scorer);
+  const auto round_trip = [&](const Tensor3& x, bool keys) {
+    Tensor3 y = x;
+    std::vector<std::byte> row(std::max(quantizer.key_bytes(x.dim), quantizer.value_bytes(x.dim)));
+    for (std::size_t r = 0; r < x.heads * x.tokens; ++r) {
+      if (keys) {
+        quantizer.encode_key(x.data.data() + r * x.dim, x.dim, row.data());
+        quantizer.decode_key(row.data(), x.dim, y.data.data() + r * x.dim);
+      } else {
+        quantizer.encode_value(x.data.data() + r * x.dim, x.dim, row.data());
+        quantizer.decode_value(row.data(), x.dim, y.data.data() + r * x.dim);
+      }
+    }
+    return y;
+  };
+  const auto append_both = [&](auto a, auto b, const Tensor3& k, const Tensor3& v) {
+    coded.append(a, 0, k.view(), v.view());
+    dense.append(b, 0, round_trip(k, true).view(), round_trip(v, false).view());
+  };
+  const auto same_contents = [&](auto a, auto b) {
+    const kvc::DenseLayer x = coded.export_dense(a, 0);
+    const kvc::DenseLayer y = dense.export_dense(b, 0);
+    for (std::size_t h = 0; h < geometry.kv_heads; ++h) {
+      REQUIRE(x.positions[h] == y.positions[h]);
+      REQUIRE(x.keys[h] == y.keys[h]);
+      REQUIRE(x.values[h] == y.values[h]);
+    }
+  };
+  std::mt19937 rng(17);
+  const auto s_coded = coded.open_sequence();
+  const auto s_dense = dense.open_sequence();
+  Tensor3 k = random_tensor(rng, 2, 293, 64);
+  for (std::size_t t = 0; t < 293; ++t) k.at(0, t, 9) *= key_outlier;
+  append_both(s_coded, s_dense, k, random_tensor(rng, 2, 293, 64));
+  const Tensor3 window = random_tensor(rng, 8, 16, 64);
+  if (observe) {
+    coded.observe(s_coded, 0, window.view());
+    dense.observe(s_dense, 0, window.view());
+  } else {
+    Tensor3 out(8, 16, 64), out_dense(8, 16, 64);
+    coded.attend(s_coded, 0, window.view(), out.mutable_view());
+    dense.attend(s_dense, 0, window.view(), out_dense.mutable_view());
+    REQUIRE(attend_error(coded, s_coded, 0, window, out) < 1e-4);
+  }
+  coded.compress(s_coded);
+  dense.compress(s_dense);
+  same_contents(s_coded, s_dense);
+  CHECK(coded.stats().tokens_stored == 2 * budget);
+  Tensor3 out(8, 1, 64), out_dense(8, 1, 64);
+  for (std::size_t step = 0; step < 20; ++step) {
+    append_both(s_coded, s_dense, random_tensor(rng, 2, 1, 64), random_tensor(rng, 2, 1, 64));
+    const Tensor3 q = random_tensor(rng, 8, 1, 64);
+    coded.attend(s_coded, 0, q.view(), out.mutable_view());
+    dense.attend(s_dense, 0, q.view(), out_dense.mutable_view());
+    REQUIRE(attend_error(coded, s_coded, 0, q, out) < 1e-4);
+    for (std::size_t i = 0; i < out.data.size(); ++i) {
+      REQUIRE(out.data[i] == Approx(out_dense.data[i]).margin(1e-5));
+    }
+    coded.compress(s_coded);
+    dense.compress(s_dense);
+    same_contents(s_coded, s_dense);
+  }
+  const auto stats = coded.stats();
+  CHECK(stats.tokens_stored == 2 * budget);
+  CHECK(stats.code_bytes == 2 * budget * (quantizer.key_bytes(64) + quantizer.value_bytes(64)));
+}
 
 }  // namespace kvc::test
