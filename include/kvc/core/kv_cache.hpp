@@ -1087,14 +1087,7 @@ class KvCache {
     }
     call_planner(sequence, LayerPlan{geometry_, layer, base_budget, store.tokens_seen, stored_,
                                      score_views_});
-    for (std::size_t h = 0; h < heads; ++h) {
-      Head& head = store.heads[h];
-      const std::size_t budget = head_budgets_[h];
-      if (head.tokens <= budget) continue;
-      load_positions(head);
-      keep_best(score_views_[h], budget);
-      evict_to_kept(head, layer, h);
-    }
+    evict_by_scores(store, layer, score_views_);
   }
 
   // A planner with PlansSequence (PrefixKV): score every kv head of every layer, let the
@@ -1128,18 +1121,26 @@ class KvCache {
       planner_.plan_sequence(sequence.planner_state, SequencePlan{geometry_, layer_plans_});
       for (std::size_t layer = 0; layer < layers; ++layer) {
         call_planner(sequence, layer_plans_[layer]);
-        Layer& store = sequence.layers[layer];
-        for (std::size_t h = 0; h < heads; ++h) {
-          Head& head = store.heads[h];
-          const std::size_t budget = head_budgets_[h];
-          if (head.tokens <= budget) continue;
-          load_positions(head);
-          keep_best(sequence_views_[layer * heads + h], budget);
-          evict_to_kept(head, layer, h);
-        }
+        evict_by_scores(
+            sequence.layers[layer], layer,
+            std::span<const std::span<const float>>(sequence_views_.data() + layer * heads, heads));
       }
     } else {
       (void)sequence;
+    }
+  }
+
+  // Every head of the layer over its planned budget (head_budgets_) keeps its `budget` best
+  // by the scores already computed for it (the scored paths: AdaKV, PrefixKV).
+  void evict_by_scores(Layer& store, std::size_t layer,
+                       std::span<const std::span<const float>> scores) {
+    for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
+      Head& head = store.heads[h];
+      const std::size_t budget = head_budgets_[h];
+      if (head.tokens <= budget) continue;
+      load_positions(head);
+      keep_best(scores[h], budget);
+      evict_to_kept(head, layer, h);
     }
   }
 
