@@ -246,9 +246,37 @@ concept FinishesOutputs = requires(const Q& quantizer, float* outputs, std::size
   quantizer.finish_outputs(outputs, rows, head_dim);
 };
 
+// A quantizer of token rows: every key and value row is encoded on its own.
 template <class Q>
-concept Quantizer = NamedPolicy<Q> && SizesTokens<Q> && EncodesTokens<Q> && DecodesTokens<Q> &&
-    FusedAttendKernels<Q>;
+concept QuantizesTokens = EncodesTokens<Q> && DecodesTokens<Q> && FusedAttendKernels<Q>;
+
+// The other shape (KIVI): keys are quantized per channel over groups of
+// Q::key_group_tokens consecutive stored tokens, so a key row decodes only with its group's
+// parameters (key_group_bytes), and the newest tokens wait in full precision: KvCache keeps
+// each kv head's keys in fp32 until Q::residual_tokens of them wait, then encodes them
+// group by group, and keeps the newest residual_tokens values in fp32 (a sliding window).
+// Values are per-token rows as above. Score tiles never span two key groups.
+template <class Q>
+concept GroupsKeys = requires(const Q& quantizer, const float* rows, std::size_t count,
+                              std::size_t head_dim, std::byte* params, std::byte* codes,
+                              const std::byte* group, const std::byte* stored, float* out,
+                              const ScoreTile& score_tile, const AccumulateTile& accumulate_tile) {
+  { Q::key_group_tokens } -> std::convertible_to<std::size_t>;
+  { Q::residual_tokens } -> std::convertible_to<std::size_t>;
+  requires Q::key_group_tokens >
+  0 && Q::residual_tokens >= Q::key_group_tokens&& Q::residual_tokens % Q::key_group_tokens == 0;
+  { quantizer.key_group_bytes(head_dim) } -> std::same_as<std::size_t>;
+  quantizer.encode_key_group(rows, count, head_dim, params, codes);
+  quantizer.encode_key(rows, head_dim, group, codes);
+  quantizer.decode_key(stored, head_dim, group, out);
+  quantizer.score_tile(score_tile, group);
+  quantizer.encode_value(rows, head_dim, codes);
+  quantizer.decode_value(stored, head_dim, out);
+  quantizer.accumulate_tile(accumulate_tile);
+};
+
+template <class Q>
+concept Quantizer = NamedPolicy<Q> && SizesTokens<Q> &&(QuantizesTokens<Q> || GroupsKeys<Q>);
 
 // ---------------------------------------------------------------------------------------
 // Retrieval index: which stored pages a query reads.

@@ -5,6 +5,8 @@
 // Storage: per (sequence, layer, kv head) a ragged list of pages from one pool, so a
 // head's budget is real memory, not a mask. A page holds `page_tokens` slots:
 //   [key codes × P][pad to 64][value codes × P][pad to 64][int32 position × P][pad to 64]
+// and, for a quantizer that GroupsKeys (KIVI), [uint32 key group × P][pad to 64]; such a
+// head also keeps its newest tokens in fp32 outside the pages until the quantizer takes them.
 // Slots are kept in ascending position order (eviction compacts stably), which makes the
 // causal mask of a query chunk a per-row prefix length.
 //
@@ -64,6 +66,23 @@ template <HasSequenceState Planner>
 struct sequence_state<Planner> {
   using type = typename Planner::SequenceState;
 };
+
+// A kv head's full-precision tail and key-group parameters, for a quantizer that GroupsKeys
+// (KIVI). Slots [0, keys_encoded) hold key codes (each with its group id in the page),
+// the later ones wait as fp32 rows in `keys`; likewise values, whose rows start at row
+// `values_front` of `values` (the window slides one row per token; the dead rows in front
+// are dropped every key_group_tokens steps, not every step).
+struct KeyGroupStaging {
+  std::size_t keys_encoded = 0;
+  std::size_t values_encoded = 0;
+  std::size_t values_front = 0;
+  std::vector<float> keys;
+  std::vector<float> values;
+  std::vector<std::byte> groups;  // key_group_bytes per group, in slot order
+};
+struct NoStaging {};
+template <class Quant>
+using staging_t = std::conditional_t<GroupsKeys<Quant>, KeyGroupStaging, NoStaging>;
 }  // namespace detail
 
 // A handle to one sequence of a cache. The generation makes a handle to a closed (and
@@ -108,8 +127,11 @@ class KvCache {
         value_bytes_(quantizer_.value_bytes(geometry_.head_dim)),
         value_offset_(round_up(options_.page_tokens * key_bytes_)),
         position_offset_(value_offset_ + round_up(options_.page_tokens * value_bytes_)),
-        pool_(position_offset_ + round_up(options_.page_tokens * sizeof(Position)),
-              std::move(backend)) {}
+        group_offset_(position_offset_ + round_up(options_.page_tokens * sizeof(Position))),
+        pool_(group_offset_ + (grouped ? round_up(options_.page_tokens * sizeof(GroupId)) : 0),
+              std::move(backend)) {
+    if constexpr (grouped) key_group_bytes_ = quantizer_.key_group_bytes(geometry_.head_dim);
+  }
 
   KvCache(const KvCache&) = delete;
   KvCache& operator=(const KvCache&) = delete;
@@ -226,12 +248,14 @@ class KvCache {
     // Reserve every page and buffer first: after this point nothing below can throw.
     std::size_t pages_needed = 0;
     for (const Head& head : store.heads) {
-      const std::size_t tail = head.tokens % options_.page_tokens;
       pages_needed += pages_for(head.tokens + count) - head.pages.size();
-      if (tail != 0 && pool_.shared(head.pages.back())) ++pages_needed;
+      pages_needed += shared_pages_from(head, first_written_slot(head));
     }
     pool_.reserve(pages_needed);
-    for (Head& head : store.heads) head.pages.reserve(pages_for(head.tokens + count));
+    for (Head& head : store.heads) {
+      head.pages.reserve(pages_for(head.tokens + count));
+      if constexpr (grouped) reserve_staging(head, count);
+    }
 
     const auto first_position = static_cast<Position>(store.tokens_seen);
     for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
@@ -244,13 +268,18 @@ class KvCache {
         if (slot % options_.page_tokens == 0) head.pages.push_back(pool_.acquire());
         std::byte* page = pool_.data(head.pages.back());
         const std::size_t in_page = slot % options_.page_tokens;
-        quantizer_.encode_key(static_cast<const E*>(k.pointer(h, t)), geometry_.head_dim,
-                              page + in_page * key_bytes_);
-        quantizer_.encode_value(static_cast<const E*>(v.pointer(h, t)), geometry_.head_dim,
-                                page + value_offset_ + in_page * value_bytes_);
         const Position position = first_position + static_cast<Position>(t);
         std::memcpy(page + position_offset_ + in_page * sizeof(Position), &position,
                     sizeof(Position));
+        if constexpr (grouped) {
+          stage_token(head, static_cast<const E*>(k.pointer(h, t)),
+                      static_cast<const E*>(v.pointer(h, t)));
+        } else {
+          quantizer_.encode_key(static_cast<const E*>(k.pointer(h, t)), geometry_.head_dim,
+                                page + in_page * key_bytes_);
+          quantizer_.encode_value(static_cast<const E*>(v.pointer(h, t)), geometry_.head_dim,
+                                  page + value_offset_ + in_page * value_bytes_);
+        }
       }
       AppendEvent event{layer, h, first_position, count, {}, geometry_.head_dim};
       if constexpr (!Index::reads_all || WantsAppendedKeys<Scorer>) {
@@ -420,11 +449,8 @@ class KvCache {
                                 static_cast<Eigen::Index>(d));
       std::vector<Position> positions(head.tokens);
       for (std::size_t slot = 0; slot < head.tokens; ++slot) {
-        const std::byte* page = pool_.data(head.pages[slot / options_.page_tokens]);
-        const std::size_t in_page = slot % options_.page_tokens;
-        quantizer_.decode_key(page + in_page * key_bytes_, d, keys.data() + slot * d);
-        quantizer_.decode_value(page + value_offset_ + in_page * value_bytes_, d,
-                                values.data() + slot * d);
+        decode_key_at(head, slot, keys.data() + slot * d);
+        decode_value_at(head, slot, values.data() + slot * d);
         positions[slot] = position_at(head, slot);
       }
       result.keys.push_back(std::move(keys));
@@ -470,6 +496,7 @@ class KvCache {
     std::size_t tokens = 0;
     typename Scorer::HeadState scorer_state{};
     typename Index::HeadState index_state{};
+    [[no_unique_address]] detail::staging_t<Quant> staging{};
   };
   using PlannerState = typename detail::sequence_state<Planner>::type;
 
@@ -700,6 +727,295 @@ class KvCache {
     return position;
   }
 
+  // ---- slot storage: codes in the pages, or (GroupsKeys) the fp32 tail ------------------
+
+  static constexpr bool grouped = GroupsKeys<Quant>;
+  using GroupId = std::uint32_t;
+
+  // Pages of `head` from the one holding `first_slot` on that another sequence shares: an
+  // append writes into them, so each needs a private copy (reserved beforehand).
+  std::size_t shared_pages_from(const Head& head, std::size_t first_slot) const noexcept {
+    std::size_t shared = 0;
+    for (std::size_t p = first_slot / options_.page_tokens; p < head.pages.size(); ++p) {
+      shared += pool_.shared(head.pages[p]) ? 1 : 0;
+    }
+    return shared;
+  }
+
+  // The first stored slot an append may write: the end, or (GroupsKeys) the oldest slot
+  // still waiting in fp32, whose codes it may now write.
+  std::size_t first_written_slot(const Head& head) const noexcept {
+    if constexpr (grouped) {
+      return std::min({head.tokens, head.staging.keys_encoded, head.staging.values_encoded});
+    } else {
+      return head.tokens;
+    }
+  }
+
+  // The page holding `slot`, copied first if another sequence shares it (reserved by the
+  // caller, so this does not throw).
+  std::byte* writable_page(Head& head, std::size_t slot) {
+    PageId& page = head.pages[slot / options_.page_tokens];
+    page = pool_.make_unique(page);
+    return pool_.data(page);
+  }
+
+  GroupId group_at(const std::byte* page, std::size_t in_page) const noexcept {
+    GroupId id = 0;
+    std::memcpy(&id, page + group_offset_ + in_page * sizeof(GroupId), sizeof(GroupId));
+    return id;
+  }
+
+  const std::byte* key_group(const Head& head, GroupId id) const noexcept {
+    return head.staging.groups.data() + std::size_t{id} * key_group_bytes_;
+  }
+
+  // GroupsKeys, before an append of `count` tokens: room for the fp32 tail (at most
+  // residual_tokens keys and residual_tokens + key_group_tokens value rows: stage_token
+  // drops the dead rows in front every key_group_tokens steps), the key
+  // groups it may seal, and one group's codes.
+  void reserve_staging(Head& head, std::size_t count) {
+    constexpr std::size_t residual = Quant::residual_tokens;
+    constexpr std::size_t group = Quant::key_group_tokens;
+    const std::size_t d = geometry_.head_dim;
+    detail::KeyGroupStaging& staging = head.staging;
+    staging.keys.reserve(residual * d);
+    staging.values.reserve((residual + group) * d);
+    const std::size_t waiting = head.tokens - staging.keys_encoded;
+    const std::size_t groups = staging.groups.size() + (waiting + count) / group * key_group_bytes_;
+    if (groups > staging.groups.capacity()) {
+      staging.groups.reserve(std::max(groups, 2 * staging.groups.capacity()));
+    }
+    group_codes_.resize(group * key_bytes_);
+  }
+
+  // GroupsKeys: one appended token (its slot and position already exist) joins the fp32
+  // tail. When residual_tokens keys wait, they are sealed into key groups (KIVI's decode
+  // step; a prefill chunk goes token by token, which seals the same groups as KIVI's
+  // ⌊n / R⌋ · R at once). Values beyond the newest residual_tokens leave the window.
+  template <class E>
+  void stage_token(Head& head, const E* key, const E* value) {
+    constexpr std::size_t residual = Quant::residual_tokens;
+    constexpr std::size_t group = Quant::key_group_tokens;
+    const std::size_t d = geometry_.head_dim;
+    const std::size_t page_tokens = options_.page_tokens;
+    detail::KeyGroupStaging& staging = head.staging;
+    staging.keys.resize(staging.keys.size() + d);  // within the reserved capacity
+    simd::convert(key, staging.keys.data() + staging.keys.size() - d, d);
+    staging.values.resize(staging.values.size() + d);
+    simd::convert(value, staging.values.data() + staging.values.size() - d, d);
+
+    if (staging.keys.size() == residual * d) {
+      for (std::size_t first = 0; first < residual; first += group) {
+        const auto id = static_cast<GroupId>(staging.groups.size() / key_group_bytes_);
+        staging.groups.resize(staging.groups.size() + key_group_bytes_);
+        std::byte* params = staging.groups.data() + std::size_t{id} * key_group_bytes_;
+        quantizer_.encode_key_group(staging.keys.data() + first * d, group, d, params,
+                                    group_codes_.data());
+        for (std::size_t j = 0; j < group; ++j) {
+          const std::size_t slot = staging.keys_encoded + first + j;
+          std::byte* page = writable_page(head, slot);
+          const std::size_t in_page = slot % page_tokens;
+          std::memcpy(page + in_page * key_bytes_, group_codes_.data() + j * key_bytes_,
+                      key_bytes_);
+          std::memcpy(page + group_offset_ + in_page * sizeof(GroupId), &id, sizeof(GroupId));
+        }
+      }
+      staging.keys.clear();
+      staging.keys_encoded += residual;
+    }
+
+    if (staging.values.size() / d - staging.values_front > residual) {
+      const std::size_t slot = staging.values_encoded;
+      std::byte* page = writable_page(head, slot);
+      quantizer_.encode_value(staging.values.data() + staging.values_front * d, d,
+                              page + value_offset_ + (slot % page_tokens) * value_bytes_);
+      ++staging.values_encoded;
+      if (++staging.values_front == group) {
+        staging.values.erase(staging.values.begin(),
+                             staging.values.begin() + static_cast<std::ptrdiff_t>(group * d));
+        staging.values_front = 0;
+      }
+    }
+  }
+
+  // GroupsKeys, after compact() moved the kept_ slots: the fp32 tails keep the rows of the
+  // kept slots, and key groups left without a token are dropped (ids renumbered: a slot's
+  // id only changes when an earlier group vanished, so the slot moved and its page is
+  // already private).
+  void compact_staging(Head& head) {
+    const std::size_t d = geometry_.head_dim;
+    const std::size_t kept = kept_.size();
+    detail::KeyGroupStaging& staging = head.staging;
+    const auto first_waiting = [&](std::size_t encoded) {
+      return static_cast<std::size_t>(std::lower_bound(kept_.begin(), kept_.end(), encoded) -
+                                      kept_.begin());
+    };
+    // Rows move toward the front only (kept_ ascends), so a forward copy is safe.
+    const auto keep_rows = [&](std::vector<float>& rows, std::size_t front, std::size_t encoded,
+                               std::size_t new_encoded) {
+      for (std::size_t i = new_encoded; i < kept; ++i) {
+        const float* from = rows.data() + (front + kept_[i] - encoded) * d;
+        std::copy(from, from + d, rows.data() + (i - new_encoded) * d);
+      }
+      rows.resize((kept - new_encoded) * d);
+    };
+    const std::size_t keys_encoded = first_waiting(staging.keys_encoded);
+    keep_rows(staging.keys, 0, staging.keys_encoded, keys_encoded);
+    staging.keys_encoded = keys_encoded;
+    const std::size_t values_encoded = first_waiting(staging.values_encoded);
+    keep_rows(staging.values, staging.values_front, staging.values_encoded, values_encoded);
+    staging.values_encoded = values_encoded;
+    staging.values_front = 0;
+
+    GroupId last = std::numeric_limits<GroupId>::max();
+    GroupId renamed = 0;
+    std::size_t live = 0;
+    for (std::size_t slot = 0; slot < keys_encoded; ++slot) {
+      const std::size_t in_page = slot % options_.page_tokens;
+      const GroupId id = group_at(pool_.data(head.pages[slot / options_.page_tokens]), in_page);
+      if (id != last) {
+        last = id;
+        renamed = static_cast<GroupId>(live++);
+        if (renamed != id) {
+          std::memmove(staging.groups.data() + std::size_t{renamed} * key_group_bytes_,
+                       staging.groups.data() + std::size_t{id} * key_group_bytes_,
+                       key_group_bytes_);
+        }
+      }
+      if (renamed != id) {
+        std::byte* page = writable_page(head, slot);
+        std::memcpy(page + group_offset_ + in_page * sizeof(GroupId), &renamed, sizeof(GroupId));
+      }
+    }
+    staging.groups.resize(live * key_group_bytes_);
+  }
+
+  void decode_key_at(const Head& head, std::size_t slot, float* out) const {
+    const std::size_t d = geometry_.head_dim;
+    const std::byte* page = pool_.data(head.pages[slot / options_.page_tokens]);
+    const std::size_t in_page = slot % options_.page_tokens;
+    if constexpr (grouped) {
+      const detail::KeyGroupStaging& staging = head.staging;
+      if (slot >= staging.keys_encoded) {
+        const float* row = staging.keys.data() + (slot - staging.keys_encoded) * d;
+        std::copy(row, row + d, out);
+      } else {
+        quantizer_.decode_key(page + in_page * key_bytes_, d,
+                              key_group(head, group_at(page, in_page)), out);
+      }
+    } else {
+      quantizer_.decode_key(page + in_page * key_bytes_, d, out);
+    }
+  }
+
+  void decode_value_at(const Head& head, std::size_t slot, float* out) const {
+    const std::size_t d = geometry_.head_dim;
+    const std::byte* page = pool_.data(head.pages[slot / options_.page_tokens]);
+    const std::byte* codes = page + value_offset_ + (slot % options_.page_tokens) * value_bytes_;
+    if constexpr (grouped) {
+      const detail::KeyGroupStaging& staging = head.staging;
+      if (slot >= staging.values_encoded) {
+        const float* row =
+            staging.values.data() + (staging.values_front + slot - staging.values_encoded) * d;
+        std::copy(row, row + d, out);
+        return;
+      }
+    }
+    quantizer_.decode_value(codes, d, out);
+  }
+
+  // A rewritten row (merging) into its slot: re-encoded (a grouped key into its own group's
+  // range), or written as is into the fp32 tail.
+  void encode_key_at(Head& head, std::size_t slot, const float* row) {
+    const std::size_t d = geometry_.head_dim;
+    const std::size_t in_page = slot % options_.page_tokens;
+    if constexpr (grouped) {
+      detail::KeyGroupStaging& staging = head.staging;
+      if (slot >= staging.keys_encoded) {
+        std::copy(row, row + d, staging.keys.data() + (slot - staging.keys_encoded) * d);
+      } else {
+        std::byte* page = writable_page(head, slot);
+        quantizer_.encode_key(row, d, key_group(head, group_at(page, in_page)),
+                              page + in_page * key_bytes_);
+      }
+    } else {
+      quantizer_.encode_key(row, d, writable_page(head, slot) + in_page * key_bytes_);
+    }
+  }
+
+  void encode_value_at(Head& head, std::size_t slot, const float* row) {
+    const std::size_t d = geometry_.head_dim;
+    if constexpr (grouped) {
+      detail::KeyGroupStaging& staging = head.staging;
+      if (slot >= staging.values_encoded) {
+        std::copy(
+            row, row + d,
+            staging.values.data() + (staging.values_front + slot - staging.values_encoded) * d);
+        return;
+      }
+    }
+    quantizer_.encode_value(
+        row, d,
+        writable_page(head, slot) + value_offset_ + (slot % options_.page_tokens) * value_bytes_);
+  }
+
+  // Scores of the first tile.tokens slots of page p into tile.scores (tile.key_codes is
+  // set here): the quantizer's tile kernel, or (GroupsKeys) one tile per run of slots
+  // sharing a key group and plain fp32 for the slots still waiting.
+  void score_page(const Head& head, std::size_t p, ScoreTile tile) const {
+    const std::byte* page = pool_.data(head.pages[p]);
+    tile.key_codes = page;
+    if constexpr (grouped) {
+      const std::size_t first = p * options_.page_tokens;
+      const std::size_t encoded = head.staging.keys_encoded;
+      const std::size_t sealed =
+          encoded > first ? std::min(tile.tokens, encoded - first) : std::size_t{0};
+      for (std::size_t j = 0; j < sealed;) {
+        const GroupId id = group_at(page, j);
+        std::size_t end = j + 1;
+        while (end < sealed && group_at(page, end) == id) ++end;
+        ScoreTile run = tile;
+        run.key_codes = page + j * key_bytes_;
+        run.tokens = end - j;
+        run.scores = tile.scores + j;
+        quantizer_.score_tile(run, key_group(head, id));
+        j = end;
+      }
+      if (sealed < tile.tokens) {
+        const std::size_t d = tile.head_dim;
+        simd::dot_block(tile.queries, tile.rows, d,
+                        head.staging.keys.data() + (first + sealed - encoded) * d,
+                        tile.tokens - sealed, d, d, tile.scores + sealed, tile.scores_stride);
+      }
+    } else {
+      quantizer_.score_tile(tile);
+    }
+  }
+
+  // acc += weights · values of the first tile.tokens slots of page p (tile.value_codes is
+  // set here); GroupsKeys: the slots in the fp32 window in plain fp32.
+  void accumulate_page(const Head& head, std::size_t p, AccumulateTile tile) const {
+    tile.value_codes = pool_.data(head.pages[p]) + value_offset_;
+    if constexpr (grouped) {
+      const detail::KeyGroupStaging& staging = head.staging;
+      const std::size_t first = p * options_.page_tokens;
+      const std::size_t encoded = staging.values_encoded;
+      const std::size_t sealed =
+          encoded > first ? std::min(tile.tokens, encoded - first) : std::size_t{0};
+      if (sealed < tile.tokens) {
+        const std::size_t d = tile.head_dim;
+        simd::axpy_block(
+            tile.weights + sealed, tile.rows, tile.weights_stride,
+            staging.values.data() + (staging.values_front + first + sealed - encoded) * d,
+            tile.tokens - sealed, d, d, tile.acc, d);
+      }
+      tile.tokens = sealed;
+      if (sealed == 0) return;
+    }
+    quantizer_.accumulate_tile(tile);
+  }
+
   // Per query token t of [first, first + count) of a chunk of `chunk` queries: how many
   // stored tokens it may see. Slots ascend by position, so it is a prefix; only the tail
   // appended with the chunk can lie in a query's future, so the walk is O(chunk).
@@ -812,9 +1128,9 @@ class KvCache {
         }
         simd::prefetch(pool_.data(head.pages[pages_to_read_[end]]) + value_offset_,
                        tokens * value_bytes_);
-        quantizer_.score_tile(ScoreTile{queries_.data(), rows,
-                                        pool_.data(head.pages[pages_to_read_[end]]), tokens, d,
-                                        scores_.data() + width, run_tokens, tile_scratch_.data()});
+        score_page(head, pages_to_read_[end],
+                   ScoreTile{queries_.data(), rows, nullptr, tokens, d, scores_.data() + width,
+                             run_tokens, tile_scratch_.data()});
         run_offsets_.push_back(width);
         run_counts_.push_back(tokens);
         width += tokens;
@@ -851,10 +1167,9 @@ class KvCache {
       for (std::size_t i = begin; i < end; ++i) {
         const std::size_t offset = run_offsets_[i - begin];
         const std::size_t tokens = run_counts_[i - begin];
-        quantizer_.accumulate_tile(
-            AccumulateTile{scores_.data() + offset, rows, run_tokens,
-                           pool_.data(head.pages[pages_to_read_[i]]) + value_offset_, tokens, d,
-                           accumulator_.data(), tile_scratch_.data()});
+        accumulate_page(head, pages_to_read_[i],
+                        AccumulateTile{scores_.data() + offset, rows, run_tokens, nullptr, tokens,
+                                       d, accumulator_.data(), tile_scratch_.data()});
       }
       begin = end;
     }
@@ -902,9 +1217,9 @@ class KvCache {
         for (std::size_t p = 0; p < head.pages.size(); ++p) {
           const std::size_t first = p * options_.page_tokens;
           const std::size_t tokens = std::min(options_.page_tokens, n - first);
-          quantizer_.score_tile(ScoreTile{queries_.data(), rows, pool_.data(head.pages[p]), tokens,
-                                          geometry_.head_dim, weights_.data() + first, n,
-                                          tile_scratch_.data(), /*exact=*/true});
+          score_page(head, p,
+                     ScoreTile{queries_.data(), rows, nullptr, tokens, geometry_.head_dim,
+                               weights_.data() + first, n, tile_scratch_.data(), /*exact=*/true});
         }
         for (std::size_t r = 0; r < rows; ++r) {
           float* row = weights_.data() + r * n;
@@ -1168,11 +1483,8 @@ class KvCache {
     merge_keys_.resize(n * d);
     merge_values_.resize(n * d);
     for (std::size_t slot = 0; slot < n; ++slot) {
-      const std::byte* page = pool_.data(head.pages[slot / page_tokens]);
-      const std::size_t in_page = slot % page_tokens;
-      quantizer_.decode_key(page + in_page * key_bytes_, d, merge_keys_.data() + slot * d);
-      quantizer_.decode_value(page + value_offset_ + in_page * value_bytes_, d,
-                              merge_values_.data() + slot * d);
+      decode_key_at(head, slot, merge_keys_.data() + slot * d);
+      decode_value_at(head, slot, merge_values_.data() + slot * d);
     }
     // Reserve before the scorer changes its state: every shared page holding a kept slot
     // may need a copy (an upper bound), so nothing can throw after merge().
@@ -1188,13 +1500,8 @@ class KvCache {
                                                 positions_, d, changed_});
     for (const std::uint32_t slot : kept_) {
       if (changed_[slot] == 0) continue;
-      PageId& page_id = head.pages[slot / page_tokens];
-      page_id = pool_.make_unique(page_id);
-      std::byte* page = pool_.data(page_id);
-      const std::size_t in_page = slot % page_tokens;
-      quantizer_.encode_key(merge_keys_.data() + slot * d, d, page + in_page * key_bytes_);
-      quantizer_.encode_value(merge_values_.data() + slot * d, d,
-                              page + value_offset_ + in_page * value_bytes_);
+      encode_key_at(head, slot, merge_keys_.data() + slot * d);
+      encode_value_at(head, slot, merge_values_.data() + slot * d);
     }
   }
 
@@ -1224,9 +1531,7 @@ class KvCache {
       const std::size_t d = geometry_.head_dim;
       key_scratch_.resize(n * d);
       for (std::size_t slot = 0; slot < n; ++slot) {
-        quantizer_.decode_key(pool_.data(head.pages[slot / options_.page_tokens]) +
-                                  (slot % options_.page_tokens) * key_bytes_,
-                              d, key_scratch_.data() + slot * d);
+        decode_key_at(head, slot, key_scratch_.data() + slot * d);
       }
       context.keys = std::span<const float>(key_scratch_.data(), n * d);
     }
@@ -1279,10 +1584,15 @@ class KvCache {
                    from + value_offset_ + from_slot * value_bytes_, value_bytes_);
       std::memmove(to + position_offset_ + to_slot * sizeof(Position),
                    from + position_offset_ + from_slot * sizeof(Position), sizeof(Position));
+      if constexpr (grouped) {
+        std::memmove(to + group_offset_ + to_slot * sizeof(GroupId),
+                     from + group_offset_ + from_slot * sizeof(GroupId), sizeof(GroupId));
+      }
     }
     for (std::size_t p = kept_pages; p < head.pages.size(); ++p) pool_.release(head.pages[p]);
     head.pages.resize(kept_pages);
     head.tokens = kept;
+    if constexpr (grouped) compact_staging(head);
   }
 
   CacheStats empty_stats() const {
@@ -1311,7 +1621,19 @@ class KvCache {
         const Head& head = layer.heads[h];
         result.tokens_per_head[l * geometry_.kv_heads + h] += head.tokens;
         result.tokens_stored += head.tokens;
-        result.code_bytes += head.tokens * (key_bytes_ + value_bytes_);
+        if constexpr (grouped) {
+          const detail::KeyGroupStaging& staging = head.staging;
+          const std::size_t row_bytes = geometry_.head_dim * sizeof(float);
+          result.code_bytes +=
+              staging.keys_encoded * key_bytes_ + staging.values_encoded * value_bytes_ +
+              staging.groups.size() +
+              (2 * head.tokens - staging.keys_encoded - staging.values_encoded) * row_bytes;
+          result.staged_bytes +=
+              (staging.keys.capacity() + staging.values.capacity()) * sizeof(float) +
+              staging.groups.capacity();
+        } else {
+          result.code_bytes += head.tokens * (key_bytes_ + value_bytes_);
+        }
         result.metadata_bytes += head.pages.capacity() * sizeof(PageId);
         if constexpr (ReportsStateBytes<Scorer>) {
           result.metadata_bytes += scorer_.state_bytes(head.scorer_state);
@@ -1334,6 +1656,8 @@ class KvCache {
   std::size_t value_bytes_;
   std::size_t value_offset_;
   std::size_t position_offset_;
+  std::size_t group_offset_;
+  std::size_t key_group_bytes_ = 0;  // GroupsKeys: one key group's parameters
   PagePool<Backend> pool_;
   std::vector<Sequence> sequences_;
   std::vector<std::uint32_t> free_slots_;
@@ -1353,6 +1677,7 @@ class KvCache {
   std::vector<LayerPlan> layer_plans_;
   std::vector<float> buffered_window_, merge_keys_, merge_values_;  // query_buffer, merging
   std::vector<std::uint8_t> changed_;
+  std::vector<std::byte> group_codes_;  // GroupsKeys: one key group's codes being encoded
 };
 
 }  // namespace kvc

@@ -6,8 +6,12 @@
 //                   unused tail of partially filled pages + alignment padding),
 //   metadata bytes  page tables, per-head policy state (e.g. H2O's accumulated scores) and
 //                   per-head bookkeeping.
-// bytes_held() = page bytes + metadata bytes. It is compared with what a plain fp16 cache
-// of every token ever appended would hold (the usual baseline of the papers).
+//   staged bytes    held outside the pages by a quantizer that GroupsKeys (KIVI): the
+//                   fp32 rows of the newest tokens and the key groups' parameters (capacity).
+// Code bytes of such a quantizer count what its stored tokens occupy: key and value codes,
+// key group parameters, and the fp32 rows still waiting.
+// bytes_held() = page bytes + metadata bytes + staged bytes. It is compared with what a plain fp16
+// cache of every token ever appended would hold (the usual baseline of the papers).
 #pragma once
 
 #include <kvc/core/format.hpp>
@@ -33,12 +37,13 @@ struct CacheStats {
   std::size_t code_bytes = 0;
   std::size_t page_bytes = 0;
   std::size_t metadata_bytes = 0;
+  std::size_t staged_bytes = 0;
   std::size_t pool_reserved_bytes = 0;  // memory taken from the backend, free pages included
 
   std::size_t tokens(std::size_t layer, std::size_t kv_head) const {
     return tokens_per_head.at(layer * kv_heads + kv_head);
   }
-  std::size_t bytes_held() const noexcept { return page_bytes + metadata_bytes; }
+  std::size_t bytes_held() const noexcept { return page_bytes + metadata_bytes + staged_bytes; }
   // What an uncompressed fp16 cache of every appended token would hold.
   std::size_t dense_f16_bytes() const noexcept { return tokens_seen * kv_heads * 2 * head_dim * 2; }
   double compression_ratio() const noexcept {
@@ -59,9 +64,10 @@ struct fmt::formatter<kvc::CacheStats> {
     return fmt::format_to(
         context.out(),
         "kvc cache [{} + {}]: {} sequence(s), {} of {} token-heads kept, {} pages of {} B, "
-        "held {} B (pages {} B + metadata {} B; codes {} B) vs fp16 dense {} B: {:.2f}x",
+        "held {} B (pages {} B + metadata {} B + staged {} B; codes {} B) vs fp16 dense {} B: "
+        "{:.2f}x",
         s.scorer, s.quantizer, s.sequences, s.tokens_stored, s.tokens_seen * s.kv_heads,
         s.pages_in_use, s.page_size_bytes, s.bytes_held(), s.page_bytes, s.metadata_bytes,
-        s.code_bytes, s.dense_f16_bytes(), s.compression_ratio());
+        s.staged_bytes, s.code_bytes, s.dense_f16_bytes(), s.compression_ratio());
   }
 };

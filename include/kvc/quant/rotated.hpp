@@ -95,7 +95,10 @@ concept HasIntegerValues = requires(std::size_t head_dim) {
 
 }  // namespace detail
 
+// Q encodes token rows (QuantizesTokens): a quantizer that GroupsKeys (KIVI) keeps fp32
+// rows beside its codes that the rotation would not reach.
 template <Quantizer Q>
+  requires QuantizesTokens<Q>
 struct Rotated {
   static constexpr std::size_t max_head_dim = 256;
   static constexpr float sqrt_max_head_dim = 16.0F;
