@@ -43,6 +43,7 @@
 #include <kvc/quant/dense.hpp>
 #include <kvc/quant/fp8.hpp>
 #include <kvc/quant/int8.hpp>
+#include <kvc/quant/kivi.hpp>
 #include <kvc/quant/q4_0.hpp>
 #include <kvc/quant/q8_0.hpp>
 #include <kvc/quant/rotated.hpp>

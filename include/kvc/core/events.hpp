@@ -115,7 +115,9 @@ struct ScoreTile {
   std::size_t head_dim = 0;
   float* scores = nullptr;
   std::size_t scores_stride = 0;
-  float* scratch = nullptr;  // page_tokens * head_dim floats the kernel may use
+  // page_tokens * head_dim floats the kernel may use; for a quantizer that GroupsKeys,
+  // (page_tokens + rows + 2) * head_dim.
+  float* scratch = nullptr;
   // true: the scores must be exact fp32 functions of the codes (no rounding of the queries,
   // as the integer paths of quant::Int8 do). observe() asks for it: it selects tokens once,
   // where precision matters more than speed.

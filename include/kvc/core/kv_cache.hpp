@@ -1048,7 +1048,9 @@ class KvCache {
         simd::scale(scale, row, d);
       }
     }
-    tile_scratch_.resize(options_.page_tokens * d);
+    // GroupsKeys: the score tile also keeps its rows scaled by the key group (see
+    // quant::Kivi::score_tile) and the group's parameters in fp32.
+    tile_scratch_.resize((options_.page_tokens + (grouped ? group * count + 2 : 0)) * d);
   }
 
   template <class T>

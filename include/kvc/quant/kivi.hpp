@@ -5,8 +5,9 @@
 //             ICML 2024 (github.com/jy-yuan/KIVI, models/llama_kivi.py).
 // Format:     L = 2^Bits − 1 levels. Asymmetric codes: x̂ = m + s · q, q ∈ [0, L], with
 //             m and s little-endian IEEE fp16 (KIVI keeps them in the model's fp16).
-//             Codes are packed Bits per channel, channel c in byte c · Bits / 8 at bit
-//             (c mod (8 / Bits)) · Bits.
+//             Codes are packed Bits per channel, planar: with k = 8 / Bits codes per byte
+//             and n = d / k bytes per row, byte j holds channels j, j + n, …, j + (k−1)·n at
+//             bits 0, Bits, …, so unpacking is k passes of contiguous shift-and-mask.
 //   keys      per channel, over a group of Group consecutive stored tokens: each channel has
 //             its own (m, s), so a group's parameters are [fp16 m × d][fp16 s × d]
 //             (key_group_bytes = 4 · d) and each token's key row holds only codes
@@ -26,11 +27,20 @@
 //             A constant group whose value is an fp16 gets ŝ = 0 and is exact (the reference
 //             divides by zero there). |x| ≤ 65504 (fp16), larger inputs are rejected.
 // Needs:      nothing from the host. head_dim % Group == 0 (value groups).
-// Cost/step:  attend scores the quantized keys group by group (one page tile per run of
-//             tokens sharing a group) and the full-precision tail with plain fp32 kernels, in
-//             the same online softmax as the rest ("quantized part + full-precision part in one
-//             softmax"). Appending a token encodes one value row; every Residual tokens a
-//             head quantizes Residual keys (O(Residual · d)).
+// Cost/step:  attend scores the quantized keys group by group (one tile per run of tokens
+//             sharing a group): q·k̂ = q·m + (q∘s)·codes, so per run each query row is
+//             multiplied by the group's scales once and the tokens' codes are only widened to
+//             fp32 (no dequantizing multiply); values are widened per token (m + s·code) in
+//             the caller's L1 scratch. The full-precision tail runs through plain fp32
+//             kernels in the same online softmax ("quantized part + full-precision part in
+//             one softmax"). Where the target has AVX-512 VNNI (simd::has_int8_dot, d ≤ 256,
+//             d and Group multiples of 32) the codes are widened to int8 instead and both
+//             products run on simd/int8_dot.hpp's integer kernels, rounding what Int8<32>'s
+//             path rounds: each row q∘s to int8 (per row scale), each tile's weights p·s to
+//             u8; the m terms (q·m, Σ p·m) stay fp32. Tiles that ask for exact scores
+//             (observe) and other targets take the fp32 path, an exact function of the codes.
+//             Appending a token encodes one value row; every Residual tokens a head
+//             quantizes Residual keys (O(Residual · d)).
 // Eviction:   a stored token keeps its codes and its group's parameters whatever is evicted
 //             around it, so a partly evicted group still decodes exactly as before; a group's
 //             parameters are freed with its last token. Tokens evicted while in the residual
@@ -43,12 +53,15 @@
 
 #include <kvc/core/element.hpp>
 #include <kvc/core/events.hpp>
+#include <kvc/quant/int8_fused.hpp>
 #include <kvc/simd/int8.hpp>
+#include <kvc/simd/int8_dot.hpp>
 #include <kvc/simd/kernels.hpp>
 
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -113,12 +126,31 @@ struct AsymmetricCodes {
     return static_cast<unsigned>(std::clamp(q, 0.0F, static_cast<float>(levels)));
   }
 
-  static unsigned get(const std::byte* codes, std::size_t c) noexcept {
-    const auto byte = std::to_integer<unsigned>(codes[c / per_byte]);
-    return (byte >> ((c % per_byte) * Bits)) & levels;
+  // Channel c of a row of `channels` codes (planar: see the format).
+  static unsigned get(const std::byte* codes, std::size_t c, std::size_t channels) noexcept {
+    const std::size_t stride = channels / per_byte;
+    const auto byte = std::to_integer<unsigned>(codes[c % stride]);
+    return (byte >> ((c / stride) * Bits)) & levels;
   }
-  static void put(std::byte* codes, std::size_t c, unsigned q) noexcept {
-    codes[c / per_byte] |= static_cast<std::byte>(q << ((c % per_byte) * Bits));
+  static void put(std::byte* codes, std::size_t c, std::size_t channels, unsigned q) noexcept {
+    const std::size_t stride = channels / per_byte;
+    codes[c % stride] |= static_cast<std::byte>(q << ((c / stride) * Bits));
+  }
+
+  // out[c] = code of channel c, as T (float, or int8 for the integer kernels): per_byte
+  // contiguous passes the compiler vectorizes (shift, mask, convert), the scalar reference
+  // and the kernel in one.
+  template <class T>
+  static void widen(const std::byte* codes, std::size_t channels, T* out) noexcept {
+    const std::size_t stride = channels / per_byte;
+    const auto* bytes = reinterpret_cast<const std::uint8_t*>(codes);
+    for (std::size_t k = 0; k < per_byte; ++k) {
+      T* part = out + k * stride;
+      const unsigned shift = static_cast<unsigned>(k) * Bits;
+      for (std::size_t j = 0; j < stride; ++j) {
+        part[j] = static_cast<T>((static_cast<unsigned>(bytes[j]) >> shift) & levels);
+      }
+    }
   }
 };
 
@@ -192,7 +224,7 @@ struct Kivi {
                   std::byte* codes) const noexcept {
     std::memset(codes, 0, key_bytes(head_dim));
     for (std::size_t c = 0; c < head_dim; ++c) {
-      Codes::put(codes, c,
+      Codes::put(codes, c, head_dim,
                  Codes::code(row[c], simd::load_fp16(params + 2 * c),
                              simd::load_fp16(params + 2 * (head_dim + c))));
     }
@@ -203,19 +235,42 @@ struct Kivi {
     for (std::size_t c = 0; c < head_dim; ++c) {
       const float m = simd::load_fp16(params + 2 * c);
       const float s = simd::load_fp16(params + 2 * (head_dim + c));
-      out[c] = m + s * static_cast<float>(Codes::get(codes, c));
+      out[c] = m + s * static_cast<float>(Codes::get(codes, c, head_dim));
     }
   }
 
-  // Scores of a run of tokens that share one key group: decoded one page tile at a time into
-  // the caller's L1 scratch, then simd::dot_block for all query rows.
+  // Scores of a run of tokens that share one key group (at most page_tokens):
+  //   q·k̂_j = q·m + Σ_c (q_c s_c) · code_jc
+  // tile.scratch holds (page_tokens + rows + 2) · head_dim floats (KvCache's contract for a
+  // quantizer that GroupsKeys): the widened codes, the rows q∘s, and m and s in fp32.
   void score_tile(const ScoreTile& tile, const std::byte* params) const noexcept {
     const std::size_t d = tile.head_dim;
-    for (std::size_t j = 0; j < tile.tokens; ++j) {
-      decode_key(tile.key_codes + j * key_bytes(d), d, params, tile.scratch + j * d);
+    float* codes = tile.scratch;
+    float* weighted = codes + tile.tokens * d;
+    float* minimum = weighted + tile.rows * d;
+    float* scale = minimum + d;
+    const auto* halves = reinterpret_cast<const Eigen::half*>(params);
+    simd::convert(halves, minimum, d);
+    simd::convert(halves + d, scale, d);
+    for (std::size_t r = 0; r < tile.rows; ++r) {
+      const float* q = tile.queries + r * d;
+      float* w = weighted + r * d;
+      for (std::size_t c = 0; c < d; ++c) w[c] = q[c] * scale[c];
     }
-    simd::dot_block(tile.queries, tile.rows, d, tile.scratch, tile.tokens, d, d, tile.scores,
-                    tile.scores_stride);
+    if (!tile.exact && integer_kernels(d)) {
+      integer_scores(tile, weighted, reinterpret_cast<std::int8_t*>(codes));
+    } else {
+      for (std::size_t j = 0; j < tile.tokens; ++j) {
+        Codes::widen(tile.key_codes + j * key_bytes(d), d, codes + j * d);
+      }
+      simd::dot_block(weighted, tile.rows, d, codes, tile.tokens, d, d, tile.scores,
+                      tile.scores_stride);
+    }
+    for (std::size_t r = 0; r < tile.rows; ++r) {
+      const float offset = simd::dot(tile.queries + r * d, minimum, d);
+      float* row = tile.scores + r * tile.scores_stride;
+      for (std::size_t j = 0; j < tile.tokens; ++j) row[j] += offset;
+    }
   }
 
   // ---- values: per token, groups of Group channels ---------------------------------------
@@ -239,24 +294,26 @@ struct Kivi {
       const float m = detail::fp16_value(min_bits);
       const float s = detail::fp16_value(scale_bits);
       for (std::size_t c = g * Group; c < (g + 1) * Group; ++c) {
-        Codes::put(packed, c, Codes::code(static_cast<float>(row[c]), m, s));
+        Codes::put(packed, c, head_dim, Codes::code(static_cast<float>(row[c]), m, s));
       }
     }
   }
 
   void decode_value(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {
-    const std::byte* packed = codes + value_param_bytes(head_dim);
+    Codes::widen(codes + value_param_bytes(head_dim), head_dim, out);
     for (std::size_t g = 0; g < head_dim / Group; ++g) {
       const float m = simd::load_fp16(codes + 4 * g);
       const float s = simd::load_fp16(codes + 4 * g + 2);
-      for (std::size_t c = g * Group; c < (g + 1) * Group; ++c) {
-        out[c] = m + s * static_cast<float>(Codes::get(packed, c));
-      }
+      for (std::size_t c = g * Group; c < (g + 1) * Group; ++c) out[c] = m + s * out[c];
     }
   }
 
   void accumulate_tile(const AccumulateTile& tile) const noexcept {
     const std::size_t d = tile.head_dim;
+    if (integer_kernels(d)) {
+      integer_accumulate(tile);
+      return;
+    }
     for (std::size_t j = 0; j < tile.tokens; ++j) {
       decode_value(tile.value_codes + j * value_bytes(d), d, tile.scratch + j * d);
     }
@@ -267,6 +324,85 @@ struct Kivi {
  private:
   static constexpr std::size_t value_param_bytes(std::size_t head_dim) noexcept {
     return 4 * (head_dim / Group);
+  }
+
+  static constexpr bool integer_kernels(std::size_t head_dim) noexcept {
+    return detail::int8_fused_fits(head_dim) && Group % simd::int8_chunk == 0;
+  }
+
+  // scores[r][j] = (float)Σ_c ŵ_rc · code_jc · scale_r, ŵ = the row q∘s rounded to int8;
+  // the caller adds q·m. codes8: tile.tokens × d int8 scratch.
+  static void integer_scores(const ScoreTile& tile, const float* weighted,
+                             std::int8_t* codes8) noexcept {
+    const std::size_t d = tile.head_dim;
+    for (std::size_t j = 0; j < tile.tokens; ++j) {
+      Codes::widen(tile.key_codes + j * Codes::packed_bytes(d), d, codes8 + j * d);
+    }
+    std::array<std::int8_t, detail::fused_rows * detail::fused_max_head_dim> row_codes;
+    std::array<float, detail::fused_rows> row_scales;
+    std::array<std::int32_t, detail::fused_rows * detail::fused_tokens> dots;
+    for (std::size_t r0 = 0; r0 < tile.rows; r0 += detail::fused_rows) {
+      const std::size_t block = std::min(detail::fused_rows, tile.rows - r0);
+      simd::quantize_rows_s8(weighted + r0 * d, block, d, d, row_codes.data(), row_scales.data());
+      for (std::size_t t0 = 0; t0 < tile.tokens; t0 += detail::fused_tokens) {
+        const std::size_t tokens = std::min(detail::fused_tokens, tile.tokens - t0);
+        simd::dot_s8(row_codes.data(), block, d, codes8 + t0 * d, tokens, d, dots.data(),
+                     detail::fused_tokens);
+        for (std::size_t r = 0; r < block; ++r) {
+          float* __restrict scores = tile.scores + (r0 + r) * tile.scores_stride + t0;
+          const std::int32_t* __restrict dot = dots.data() + r * detail::fused_tokens;
+          const float row_scale = row_scales[r];
+          for (std::size_t j = 0; j < tokens; ++j) {
+            scores[j] = static_cast<float>(dot[j]) * row_scale;
+          }
+        }
+      }
+    }
+  }
+
+  // The value rows widened into Int8<Group>'s layout ([fp32 s × groups][int8 code × d],
+  // codes 0..L) in the scratch, then int8_fused_accumulate adds Σ_j p_rj s_jg code_jc; the
+  // zero points add Σ_j p_rj m_jg to each channel of group g, in fp32.
+  struct UnpackedLayout {
+    std::size_t stride, code_offset, chunk_stride, chunks_per_scale;
+    static float scale(const std::byte* row, std::size_t s) noexcept {
+      float value = 0.0F;
+      std::memcpy(&value, row + sizeof(float) * s, sizeof value);
+      return value;
+    }
+  };
+
+  void integer_accumulate(const AccumulateTile& tile) const noexcept {
+    const std::size_t d = tile.head_dim;
+    const std::size_t groups = d / Group;
+    const UnpackedLayout layout{sizeof(float) * groups + d, sizeof(float) * groups,
+                                simd::int8_chunk, Group / simd::int8_chunk};
+    auto* unpacked = reinterpret_cast<std::byte*>(tile.scratch);
+    // Zero points after the rows: groups × tile.tokens floats (fits: d + 8·groups ≤ 4·d).
+    float* minimum =
+        tile.scratch + (tile.tokens * layout.stride + sizeof(float) - 1) / sizeof(float);
+    for (std::size_t j = 0; j < tile.tokens; ++j) {
+      const std::byte* codes = tile.value_codes + j * value_bytes(d);
+      std::byte* row = unpacked + j * layout.stride;
+      for (std::size_t g = 0; g < groups; ++g) {
+        const float s = simd::load_fp16(codes + 4 * g + 2);
+        std::memcpy(row + sizeof(float) * g, &s, sizeof s);
+        minimum[g * tile.tokens + j] = simd::load_fp16(codes + 4 * g);
+      }
+      Codes::widen(codes + value_param_bytes(d), d,
+                   reinterpret_cast<std::int8_t*>(row + layout.code_offset));
+    }
+    AccumulateTile widened = tile;
+    widened.value_codes = unpacked;
+    detail::int8_fused_accumulate(widened, layout);
+    for (std::size_t r = 0; r < tile.rows; ++r) {
+      const float* p = tile.weights + r * tile.weights_stride;
+      float* acc = tile.acc + r * d;
+      for (std::size_t g = 0; g < groups; ++g) {
+        const float offset = simd::dot(p, minimum + g * tile.tokens, tile.tokens);
+        for (std::size_t c = g * Group; c < (g + 1) * Group; ++c) acc[c] += offset;
+      }
+    }
   }
 };
 
