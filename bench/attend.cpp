@@ -5,7 +5,8 @@
 // group 1 and 4 (8 and 32 query heads), one layer, one sequence, single thread. Formats:
 // Dense<float>, Dense<half>, Int8<>, Int8<32>, Q8_0, Q4_0, Fp8E4M3, Fp8E5M2, and
 // Rotated<Q4_0> / Rotated<Int8<>> (rot_q4_0, rot_int8: a Hadamard rotation in front), and
-// Bfp<16, 4> / Bfp<32, 8> (bfp16_4, bfp32_8: block floating point, identity permutation).
+// Bfp<16, 4> / Bfp<32, 8> (bfp16_4, bfp32_8: block floating point, identity permutation),
+// and Kivi<4> / Kivi<2> (kivi4, kivi2: G = 32, R = 128, the newest tokens in fp32).
 //
 //   BM_append_prefill<Q>/context/check_finite
 //                                      append `context` tokens in chunks of 512 into an
@@ -24,7 +25,9 @@
 //   tokens            context length (attend) or tokens appended per call (append)
 //   bytes             K/V bytes read (attend) or stored (append) per call, as the format
 //                     stores them: tokens · kv_heads · (key_bytes + value_bytes)(head_dim)
-//                     (2 · head_dim · sizeof(element) for Dense; scales included)
+//                     (2 · head_dim · sizeof(element) for Dense; scales included). Kivi:
+//                     stats().code_bytes — codes, key group parameters and the fp32 rows of
+//                     the residual window (append: the codes and amortized group parameters)
 //   bytes_per_second  bytes / time (SetBytesProcessed)
 //   ns_per_token      seconds per token (rate counter, inverted); bench/report prints ns
 //
@@ -112,10 +115,15 @@ void fill(Cache<Quant>& cache, kvc::SequenceId sequence, const Context& context)
   }
 }
 
-// K + V bytes of one token and kv head as the format stores them.
+// K + V bytes of one token and kv head as the format stores them (Kivi: with its share of
+// a key group's parameters).
 template <class Quant>
 constexpr std::size_t stored_token_bytes() {
-  return Quant{}.key_bytes(head_dim) + Quant{}.value_bytes(head_dim);
+  std::size_t bytes = Quant{}.key_bytes(head_dim) + Quant{}.value_bytes(head_dim);
+  if constexpr (kvc::GroupsKeys<Quant>) {
+    bytes += Quant{}.key_group_bytes(head_dim) / Quant::key_group_tokens;
+  }
+  return bytes;
 }
 
 void set_counters(benchmark::State& state, std::size_t tokens, std::size_t bytes) {
@@ -209,7 +217,8 @@ void BM_attend_kvc(benchmark::State& state) {
     benchmark::DoNotOptimize(output.data());
     benchmark::ClobberMemory();
   }
-  set_counters(state, tokens, tokens * kv_heads * stored_token_bytes<Quant>());
+  // What attend reads: every stored byte of the layer (for Kivi the fp32 window too).
+  set_counters(state, tokens, cache.stats().code_bytes);
   state.SetLabel(std::string(Quant::name()));
 }
 
@@ -317,11 +326,11 @@ void BM_attend_quality(benchmark::State& state) {
       norm += expected * expected;
     }
   }
-  const std::size_t bytes = stored_token_bytes<Quant>();
+  const double bytes =
+      static_cast<double>(cache.stats().code_bytes) / static_cast<double>(kv_heads * tokens);
   state.counters["attention_error"] = std::sqrt(difference / norm);
-  state.counters["bytes_per_token"] = static_cast<double>(bytes);
-  state.counters["compression_vs_f16"] =
-      static_cast<double>(4 * head_dim) / static_cast<double>(bytes);
+  state.counters["bytes_per_token"] = bytes;
+  state.counters["compression_vs_f16"] = static_cast<double>(4 * head_dim) / bytes;
   state.SetLabel(std::string(Quant::name()) + (calibrated ? "+perm" : ""));
 }
 
@@ -419,6 +428,20 @@ BENCHMARK(BM_append_decode<kvc::quant::Bfp<32, 8>>)
     ->Apply(append_shapes)
     ->Iterations(decode_appends)
     ->Unit(benchmark::kNanosecond);
+BENCHMARK(BM_append_prefill<kvc::quant::Kivi<4>>)
+    ->Apply(append_shapes)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_append_decode<kvc::quant::Kivi<4>>)
+    ->Apply(append_shapes)
+    ->Iterations(decode_appends)
+    ->Unit(benchmark::kNanosecond);
+BENCHMARK(BM_append_prefill<kvc::quant::Kivi<2>>)
+    ->Apply(append_shapes)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_append_decode<kvc::quant::Kivi<2>>)
+    ->Apply(append_shapes)
+    ->Iterations(decode_appends)
+    ->Unit(benchmark::kNanosecond);
 BENCHMARK(BM_append_prefill<kvc::quant::Fp8E4M3>)
     ->Apply(append_shapes)
     ->Unit(benchmark::kMicrosecond);
@@ -478,6 +501,14 @@ BENCHMARK(BM_attend_kvc<kvc::quant::Bfp<32, 8>>)
     ->Apply(contexts_and_groups)
     ->ArgNames({"context", "group"})
     ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::Kivi<4>>)
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::Kivi<2>>)
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_attend_kvc<kvc::quant::Fp8E4M3>)
     ->Apply(contexts_and_groups)
     ->ArgNames({"context", "group"})
@@ -507,5 +538,7 @@ BENCHMARK(BM_attend_quality<kvc::quant::Bfp<16, 4>>)->Iterations(1);
 BENCHMARK(BM_attend_quality<kvc::quant::Bfp<16, 4>, true>)->Iterations(1);
 BENCHMARK(BM_attend_quality<kvc::quant::Bfp<32, 8>>)->Iterations(1);
 BENCHMARK(BM_attend_quality<kvc::quant::Bfp<32, 8>, true>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Kivi<4>>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Kivi<2>>)->Iterations(1);
 BENCHMARK(BM_attend_quality<kvc::quant::Fp8E4M3>)->Iterations(1);
 BENCHMARK(BM_attend_quality<kvc::quant::Fp8E5M2>)->Iterations(1);
