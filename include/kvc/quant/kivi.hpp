@@ -53,6 +53,7 @@
 
 #include <kvc/core/element.hpp>
 #include <kvc/core/events.hpp>
+#include <kvc/quant/int8.hpp>
 #include <kvc/quant/int8_fused.hpp>
 #include <kvc/simd/int8.hpp>
 #include <kvc/simd/int8_dot.hpp>
@@ -360,17 +361,10 @@ struct Kivi {
     }
   }
 
-  // The value rows widened into Int8<Group>'s layout ([fp32 s × groups][int8 code × d],
-  // codes 0..L) in the scratch, then int8_fused_accumulate adds Σ_j p_rj s_jg code_jc; the
-  // zero points add Σ_j p_rj m_jg to each channel of group g, in fp32.
-  struct UnpackedLayout {
-    std::size_t stride, code_offset, chunk_stride, chunks_per_scale;
-    static float scale(const std::byte* row, std::size_t s) noexcept {
-      float value = 0.0F;
-      std::memcpy(&value, row + sizeof(float) * s, sizeof value);
-      return value;
-    }
-  };
+  // The value rows widened into Int8's row layout ([fp32 s × groups][int8 code × d], codes
+  // 0..L) in the scratch, then int8_fused_accumulate adds Σ_j p_rj s_jg code_jc; the zero
+  // points add Σ_j p_rj m_jg to each channel of group g, in fp32.
+  using UnpackedLayout = Int8<>::Layout;
 
   void integer_accumulate(const AccumulateTile& tile) const noexcept {
     const std::size_t d = tile.head_dim;
