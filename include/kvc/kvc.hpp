@@ -44,9 +44,11 @@
 #include <kvc/quant/fp8.hpp>
 #include <kvc/quant/int8.hpp>
 #include <kvc/quant/kivi.hpp>
+#include <kvc/quant/low_rank.hpp>
 #include <kvc/quant/q4_0.hpp>
 #include <kvc/quant/q8_0.hpp>
 #include <kvc/quant/rotated.hpp>
+#include <kvc/quant/think.hpp>
 #include <kvc/retrieval/exhaustive.hpp>
 #include <kvc/runtime/any_cache.hpp>
 #include <kvc/runtime/recipe.hpp>

@@ -13,6 +13,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "../support/quantizer_checks.hpp"
 #include "../support/reference.hpp"
 
 #include <algorithm>
@@ -508,41 +509,12 @@ TEST_CASE("kivi: fork shares pages copy-on-write and truncate keeps partial grou
   REQUIRE(cache.stats().pages_in_use == 0);
 }
 
-namespace {
-
-template <class Scorer>
-void check_composes(Scorer scorer, bool observe) {
-  std::mt19937 rng(13);
-  kvc::KvCache<Scorer, kvc::quant::Kivi<4, group, residual>> cache(
-      geometry, {.budget = kvc::Budget::tokens(96), .page_tokens = 16, .auto_compress = false},
-      scorer);
-  const auto seq = cache.open_sequence();
-  cache.append(seq, 0, random_tensor(rng, 2, 300, d).view(), random_tensor(rng, 2, 300, d).view());
-  if (observe) cache.observe(seq, 0, random_tensor(rng, 8, 16, d).view());
-  const Tensor3 q = random_tensor(rng, 8, 4, d);
-  Tensor3 out(8, 4, d);
-  cache.attend(seq, 0, q.view(), out.mutable_view());
-  REQUIRE(kvc::test::attend_error(cache, seq, 0, q, out) < attend_tolerance);
-  cache.compress(seq);
-  Tensor3 step_out(8, 1, d);
-  for (std::size_t step = 0; step < 150; ++step) {
-    cache.append(seq, 0, random_tensor(rng, 2, 1, d).view(), random_tensor(rng, 2, 1, d).view());
-    const Tensor3 step_q = random_tensor(rng, 8, 1, d);
-    if (observe) cache.observe(seq, 0, step_q.view());
-    cache.attend(seq, 0, step_q.view(), step_out.mutable_view());
-    REQUIRE(kvc::test::attend_error(cache, seq, 0, step_q, step_out) < attend_tolerance);
-    cache.compress(seq);
-    REQUIRE(cache.tokens(seq, 0, 0) == 96);
-  }
-  REQUIRE(cache.stats().tokens_stored == 2 * 96);
-}
-
-}  // namespace
-
 TEST_CASE("kivi: composes with H2O, SnapKV and D2O merging", "[quant][kivi][cache]") {
-  check_composes(kvc::evict::H2O{}, false);
-  check_composes(kvc::evict::SnapKV({.window = 16}), true);
-  check_composes(kvc::evict::D2O<>{}, false);
+  using Kivi4 = kvc::quant::Kivi<4, group, residual>;
+  kvc::test::check_composes_over_decode(kvc::evict::H2O{}, Kivi4{}, false, attend_tolerance);
+  kvc::test::check_composes_over_decode(kvc::evict::SnapKV({.window = 16}), Kivi4{}, true,
+                                        attend_tolerance);
+  kvc::test::check_composes_over_decode(kvc::evict::D2O<>{}, Kivi4{}, false, attend_tolerance);
 }
 
 TEST_CASE("kivi: bad input is rejected before anything is stored", "[quant][kivi][cache]") {

@@ -427,4 +427,37 @@ void check_same_as_dense(Scorer scorer, const Q& quantizer, std::size_t budget, 
   CHECK(stats.code_bytes == 2 * budget * (quantizer.key_bytes(64) + quantizer.value_bytes(64)));
 }
 
+// Q under a budgeted scorer through a 300-token prefill and 150 decode steps, compressed
+// every step: attend stays within `tolerance` of float64 on the cache's own stored K/V and
+// every head holds its budget (96). With `observe`, the prefill's window and each step's
+// query are observed too (SnapKV; a quantizer that fits on observe fits there).
+template <class Scorer, class Q>
+void check_composes_over_decode(Scorer scorer, const Q& quantizer, bool observe, double tolerance) {
+  constexpr std::size_t d = 64;
+  const Geometry geometry{.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = d};
+  std::mt19937 rng(13);
+  KvCache<Scorer, Q> cache(
+      geometry, {.budget = Budget::tokens(96), .page_tokens = 16, .auto_compress = false}, scorer,
+      quantizer);
+  const auto seq = cache.open_sequence();
+  cache.append(seq, 0, random_tensor(rng, 2, 300, d).view(), random_tensor(rng, 2, 300, d).view());
+  if (observe) cache.observe(seq, 0, random_tensor(rng, 8, 16, d).view());
+  const Tensor3 q = random_tensor(rng, 8, 4, d);
+  Tensor3 out(8, 4, d);
+  cache.attend(seq, 0, q.view(), out.mutable_view());
+  REQUIRE(attend_error(cache, seq, 0, q, out) < tolerance);
+  cache.compress(seq);
+  Tensor3 step_out(8, 1, d);
+  for (std::size_t step = 0; step < 150; ++step) {
+    cache.append(seq, 0, random_tensor(rng, 2, 1, d).view(), random_tensor(rng, 2, 1, d).view());
+    const Tensor3 step_q = random_tensor(rng, 8, 1, d);
+    if (observe) cache.observe(seq, 0, step_q.view());
+    cache.attend(seq, 0, step_q.view(), step_out.mutable_view());
+    REQUIRE(attend_error(cache, seq, 0, step_q, step_out) < tolerance);
+    cache.compress(seq);
+    REQUIRE(cache.tokens(seq, 0, 0) == 96);
+  }
+  REQUIRE(cache.stats().tokens_stored == 2 * 96);
+}
+
 }  // namespace kvc::test

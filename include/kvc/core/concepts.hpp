@@ -275,8 +275,41 @@ concept GroupsKeys = requires(const Q& quantizer, const float* rows, std::size_t
   quantizer.accumulate_tile(accumulate_tile);
 };
 
+// The third shape (ThinK, low-rank keys): each kv head's keys are stored as
+// projected_dim(d) numbers in a basis fitted to that head's own keys — its one key group,
+// key_group_bytes of parameters (kept channels, a rank-r basis). Until the fit, a head's keys
+// wait in fp32; the cache fits a head at the end of an append that leaves more than
+// Q::residual_tokens keys waiting, or, with Q::fits_on_observe, at observe() (KeyFit gets
+// the window's queries). From then on the newest residual_tokens keys stay in fp32 (an
+// exact window) and each older key is encoded in the basis as it leaves the window.
+// project_queries maps query rows into the basis once per attend block; score_tile then
+// gets those rows (projected_dim(d) floats each). Values are per-token rows, with the same
+// fp32 window.
 template <class Q>
-concept Quantizer = NamedPolicy<Q> && SizesTokens<Q> &&(QuantizesTokens<Q> || GroupsKeys<Q>);
+concept FitsKeys = requires(const Q& quantizer, const KeyFit& fit, const float* rows,
+                            std::size_t count, std::size_t head_dim, std::byte* params,
+                            std::byte* codes, const std::byte* group, const std::byte* stored,
+                            float* out, const ScoreTile& score_tile,
+                            const AccumulateTile& accumulate_tile) {
+  { Q::residual_tokens } -> std::convertible_to<std::size_t>;
+  { Q::fits_on_observe } -> std::convertible_to<bool>;
+  requires Q::residual_tokens >
+  0;
+  { quantizer.key_group_bytes(head_dim) } -> std::same_as<std::size_t>;
+  { quantizer.projected_dim(head_dim) } -> std::same_as<std::size_t>;
+  quantizer.fit_keys(fit, params);
+  quantizer.encode_key(rows, head_dim, group, codes);
+  quantizer.decode_key(stored, head_dim, group, out);
+  quantizer.project_queries(rows, count, head_dim, group, out);
+  quantizer.score_tile(score_tile, group);
+  quantizer.encode_value(rows, head_dim, codes);
+  quantizer.decode_value(stored, head_dim, out);
+  quantizer.accumulate_tile(accumulate_tile);
+};
+
+template <class Q>
+concept Quantizer = NamedPolicy<Q> && SizesTokens<Q> &&
+    (QuantizesTokens<Q> || GroupsKeys<Q> || FitsKeys<Q>);
 
 // ---------------------------------------------------------------------------------------
 // Retrieval index: which stored pages a query reads.

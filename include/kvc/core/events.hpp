@@ -124,6 +124,18 @@ struct ScoreTile {
   bool exact = false;
 };
 
+// Asked of a quantizer that FitsKeys (ThinK, low-rank keys) once per kv head: fit the
+// head's key basis to its `tokens` waiting keys (fp32 rows of head_dim), and, for a
+// quantizer that fits on observe(), the window's query rows (GQA group × window, scaled by
+// 1/sqrt(head_dim); null and 0 otherwise).
+struct KeyFit {
+  const float* keys = nullptr;
+  std::size_t tokens = 0;
+  const float* queries = nullptr;
+  std::size_t query_rows = 0;
+  std::size_t head_dim = 0;
+};
+
 // acc[r * head_dim + c] += Σ_j weights[r * weights_stride + j] * value(j)[c].
 struct AccumulateTile {
   const float* weights = nullptr;

@@ -5,8 +5,9 @@
 // Storage: per (sequence, layer, kv head) a ragged list of pages from one pool, so a
 // head's budget is real memory, not a mask. A page holds `page_tokens` slots:
 //   [key codes × P][pad to 64][value codes × P][pad to 64][int32 position × P][pad to 64]
-// and, for a quantizer that GroupsKeys (KIVI), [uint32 key group × P][pad to 64]; such a
-// head also keeps its newest tokens in fp32 outside the pages until the quantizer takes them.
+// and, for a quantizer that GroupsKeys (KIVI) or FitsKeys (ThinK, low-rank keys),
+// [uint32 key group × P][pad to 64]; such a head also keeps its newest tokens in fp32
+// outside the pages until the quantizer takes them.
 // Slots are kept in ascending position order (eviction compacts stably), which makes the
 // causal mask of a query chunk a per-row prefix length.
 //
@@ -68,7 +69,8 @@ struct sequence_state<Planner> {
 };
 
 // A kv head's full-precision tail and key-group parameters, for a quantizer that GroupsKeys
-// (KIVI). Slots [0, keys_encoded) hold key codes (each with its group id in the page),
+// (KIVI) or FitsKeys (one group: the head's fitted basis, none before the fit).
+// Slots [0, keys_encoded) hold key codes (each with its group id in the page),
 // the later ones wait as fp32 rows in `keys`; likewise values, whose rows start at row
 // `values_front` of `values` (the window slides one row per token; the dead rows in front
 // are dropped every key_group_tokens steps, not every step).
@@ -82,7 +84,8 @@ struct KeyGroupStaging {
 };
 struct NoStaging {};
 template <class Quant>
-using staging_t = std::conditional_t<GroupsKeys<Quant>, KeyGroupStaging, NoStaging>;
+using staging_t =
+    std::conditional_t<GroupsKeys<Quant> || FitsKeys<Quant>, KeyGroupStaging, NoStaging>;
 }  // namespace detail
 
 // A handle to one sequence of a cache. The generation makes a handle to a closed (and
@@ -291,6 +294,12 @@ class KvCache {
       head.tokens += count;
     }
     store.tokens_seen += count;
+    // FitsKeys: a head's basis is fitted to the first append that leaves more than the
+    // window waiting (the prefill). The tokens are stored by now: a fit that cannot allocate
+    // throws with its head (and the later ones) still unfitted, their keys in fp32.
+    if constexpr (fitted && !fits_on_observe()) {
+      for (Head& head : store.heads) fit_head(head, nullptr, 0);
+    }
   }
 
   // ---- observe --------------------------------------------------------------------------
@@ -305,7 +314,21 @@ class KvCache {
     check_layer(layer, "observe");
     Layer& store = sequence.layers[layer];
     check_queries(q_window, store, "observe");
+    if constexpr (fits_on_observe()) {
+      if (options_.check_finite) check_finite_queries(q_window, "observe");
+    }
     observe_window(sequence, layer, q_window, store.tokens_seen);
+    // FitsKeys with fits_on_observe (ThinK): each head not yet fitted fits to its waiting
+    // keys and these window queries.
+    if constexpr (fits_on_observe()) {
+      const std::size_t rows = geometry_.group_size() * q_window.extent(1);
+      for (std::size_t h = 0; h < geometry_.kv_heads; ++h) {
+        Head& head = store.heads[h];
+        if (!head.staging.groups.empty()) continue;
+        load_queries(q_window, h, 0, q_window.extent(1));
+        fit_head(head, queries_.data(), rows);
+      }
+    }
   }
 
   // ---- attend ---------------------------------------------------------------------------
@@ -669,7 +692,7 @@ class KvCache {
   // its group, and the integer kernels (simd/int8_dot.hpp) round queries, which a NaN or
   // inf has no answer for.
   template <class T>
-  static void check_finite_queries(const View<T, 3>& q) {
+  static void check_finite_queries(const View<T, 3>& q, const char* function = "attend") {
     using E = std::remove_const_t<T>;
     using Bits = std::conditional_t<sizeof(E) == 4, std::uint32_t, std::uint16_t>;
     const E largest = std::numeric_limits<E>::max();
@@ -682,8 +705,8 @@ class KvCache {
         for (std::size_t c = 0; c < q.extent(2); ++c) {
           const float x = static_cast<float>(row[c]);
           if (!std::isfinite(x)) {
-            detail::fail<ValueError>("attend: q[{}][{}][{}] is {}, queries must be finite", h, t, c,
-                                     x);
+            detail::fail<ValueError>("{}: q[{}][{}][{}] is {}, queries must be finite", function, h,
+                                     t, c, x);
           }
         }
       }
@@ -729,7 +752,18 @@ class KvCache {
 
   // ---- slot storage: codes in the pages, or (GroupsKeys) the fp32 tail ------------------
 
-  static constexpr bool grouped = GroupsKeys<Quant>;
+  // grouped: key codes decode with a key group's parameters (GroupsKeys, FitsKeys), and the
+  // newest tokens wait in the head's fp32 tail. fitted: the group is the head's fitted basis.
+  static constexpr bool fitted = FitsKeys<Quant>;
+  static constexpr bool grouped = GroupsKeys<Quant> || fitted;
+  // FitsKeys: whether a head fits at observe() (else at the end of an append).
+  static constexpr bool fits_on_observe() noexcept {
+    if constexpr (fitted) {
+      return Quant::fits_on_observe;
+    } else {
+      return false;
+    }
+  }
   using GroupId = std::uint32_t;
 
   // Pages of `head` from the one holding `first_slot` on that another sequence shares: an
@@ -770,33 +804,57 @@ class KvCache {
     return head.staging.groups.data() + std::size_t{id} * key_group_bytes_;
   }
 
-  // GroupsKeys, before an append of `count` tokens: room for the fp32 tail (at most
-  // residual_tokens keys and residual_tokens + key_group_tokens value rows: stage_token
-  // drops the dead rows in front every key_group_tokens steps), the key
-  // groups it may seal, and one group's codes.
-  void reserve_staging(Head& head, std::size_t count) {
-    constexpr std::size_t residual = Quant::residual_tokens;
-    constexpr std::size_t group = Quant::key_group_tokens;
-    const std::size_t d = geometry_.head_dim;
-    detail::KeyGroupStaging& staging = head.staging;
-    staging.keys.reserve(residual * d);
-    staging.values.reserve((residual + group) * d);
-    const std::size_t waiting = head.tokens - staging.keys_encoded;
-    const std::size_t groups = staging.groups.size() + (waiting + count) / group * key_group_bytes_;
-    if (groups > staging.groups.capacity()) {
-      staging.groups.reserve(std::max(groups, 2 * staging.groups.capacity()));
+  // The value window's dead rows in front are dropped every this many steps (not every
+  // step): KIVI's key group, a fitted format's window.
+  static constexpr std::size_t value_front_drop() noexcept {
+    if constexpr (GroupsKeys<Quant>) {
+      return Quant::key_group_tokens;
+    } else if constexpr (fitted) {
+      return Quant::residual_tokens;
+    } else {
+      return 1;
     }
-    group_codes_.resize(group * key_bytes_);
   }
 
-  // GroupsKeys: one appended token (its slot and position already exist) joins the fp32
-  // tail. When residual_tokens keys wait, they are sealed into key groups (KIVI's decode
-  // step; a prefill chunk goes token by token, which seals the same groups as KIVI's
-  // ⌊n / R⌋ · R at once). Values beyond the newest residual_tokens leave the window.
+  // Before an append of `count` tokens (grouped): room for the fp32 tail and, for
+  // GroupsKeys, the key groups it may seal and one group's codes. The tail holds at most
+  // residual_tokens keys (GroupsKeys, or FitsKeys once fitted; an unfitted head keeps every
+  // key) and residual_tokens + value_front_drop() value rows.
+  void reserve_staging(Head& head, std::size_t count) {
+    constexpr std::size_t residual = Quant::residual_tokens;
+    const std::size_t d = geometry_.head_dim;
+    detail::KeyGroupStaging& staging = head.staging;
+    staging.values.reserve((residual + value_front_drop()) * d);
+    if constexpr (fitted) {
+      // Grows geometrically: an unfitted head appended token by token keeps every key.
+      const std::size_t keys = std::min(
+          staging.keys.size() + count * d,
+          staging.groups.empty() ? std::numeric_limits<std::size_t>::max() : (residual + 1) * d);
+      if (keys > staging.keys.capacity()) {
+        staging.keys.reserve(std::max(keys, 2 * staging.keys.capacity()));
+      }
+    } else {
+      constexpr std::size_t group = Quant::key_group_tokens;
+      staging.keys.reserve(residual * d);
+      const std::size_t waiting = head.tokens - staging.keys_encoded;
+      const std::size_t groups =
+          staging.groups.size() + (waiting + count) / group * key_group_bytes_;
+      if (groups > staging.groups.capacity()) {
+        staging.groups.reserve(std::max(groups, 2 * staging.groups.capacity()));
+      }
+      group_codes_.resize(group * key_bytes_);
+    }
+  }
+
+  // One appended token (its slot and position already exist) joins the fp32 tail
+  // (grouped). GroupsKeys: when residual_tokens keys wait, they are sealed into key groups
+  // (KIVI's decode step; a prefill chunk goes token by token, which seals the same groups
+  // as KIVI's ⌊n / R⌋ · R at once). FitsKeys, once fitted: the key leaving the window is
+  // encoded in the head's basis. Values beyond the newest residual_tokens leave the window.
   template <class E>
   void stage_token(Head& head, const E* key, const E* value) {
     constexpr std::size_t residual = Quant::residual_tokens;
-    constexpr std::size_t group = Quant::key_group_tokens;
+    constexpr std::size_t drop = value_front_drop();
     const std::size_t d = geometry_.head_dim;
     const std::size_t page_tokens = options_.page_tokens;
     detail::KeyGroupStaging& staging = head.staging;
@@ -805,7 +863,10 @@ class KvCache {
     staging.values.resize(staging.values.size() + d);
     simd::convert(value, staging.values.data() + staging.values.size() - d, d);
 
-    if (staging.keys.size() == residual * d) {
+    if constexpr (fitted) {
+      if (!staging.groups.empty() && staging.keys.size() > residual * d) seal_fitted(head, 1);
+    } else if (staging.keys.size() == residual * d) {
+      constexpr std::size_t group = Quant::key_group_tokens;
       for (std::size_t first = 0; first < residual; first += group) {
         const auto id = static_cast<GroupId>(staging.groups.size() / key_group_bytes_);
         staging.groups.resize(staging.groups.size() + key_group_bytes_);
@@ -831,12 +892,55 @@ class KvCache {
       quantizer_.encode_value(staging.values.data() + staging.values_front * d, d,
                               page + value_offset_ + (slot % page_tokens) * value_bytes_);
       ++staging.values_encoded;
-      if (++staging.values_front == group) {
+      if (++staging.values_front == drop) {
         staging.values.erase(staging.values.begin(),
-                             staging.values.begin() + static_cast<std::ptrdiff_t>(group * d));
+                             staging.values.begin() + static_cast<std::ptrdiff_t>(drop * d));
         staging.values_front = 0;
       }
     }
+  }
+
+  // FitsKeys: the oldest `count` waiting keys encoded in the head's basis (its last key
+  // group), in their slots (pages that another sequence shares were reserved by the caller).
+  void seal_fitted(Head& head, std::size_t count) {
+    const std::size_t d = geometry_.head_dim;
+    detail::KeyGroupStaging& staging = head.staging;
+    const auto id = static_cast<GroupId>(staging.groups.size() / key_group_bytes_ - 1);
+    for (std::size_t j = 0; j < count; ++j) {
+      const std::size_t slot = staging.keys_encoded + j;
+      std::byte* page = writable_page(head, slot);
+      const std::size_t in_page = slot % options_.page_tokens;
+      quantizer_.encode_key(staging.keys.data() + j * d, d, key_group(head, id),
+                            page + in_page * key_bytes_);
+      std::memcpy(page + group_offset_ + in_page * sizeof(GroupId), &id, sizeof(GroupId));
+    }
+    staging.keys.erase(staging.keys.begin(),
+                       staging.keys.begin() + static_cast<std::ptrdiff_t>(count * d));
+    staging.keys_encoded += count;
+  }
+
+  // FitsKeys: a head without a basis and with more than residual_tokens keys waiting fits
+  // one to all of them (and the window queries, if given), then encodes every waiting key
+  // but the newest residual_tokens. The fit allocates before anything changes.
+  void fit_head(Head& head, const float* queries, std::size_t rows) {
+    constexpr std::size_t residual = Quant::residual_tokens;
+    const std::size_t d = geometry_.head_dim;
+    detail::KeyGroupStaging& staging = head.staging;
+    const std::size_t waiting = staging.keys.size() / d;
+    if (!staging.groups.empty() || waiting <= residual) return;
+    std::vector<std::byte> basis(key_group_bytes_);
+    quantizer_.fit_keys(KeyFit{staging.keys.data(), waiting, queries, rows, d}, basis.data());
+    pool_.reserve(shared_pages_from(head, staging.keys_encoded));
+    staging.groups = std::move(basis);
+    seal_fitted(head, waiting - residual);
+  }
+
+  // FitsKeys: projected_ = the block's query rows in the head's basis (if it has one).
+  void project_queries(const Head& head, std::size_t rows) {
+    if (head.staging.groups.empty()) return;
+    const std::size_t d = geometry_.head_dim;
+    projected_.resize(rows * quantizer_.projected_dim(d));
+    quantizer_.project_queries(queries_.data(), rows, d, key_group(head, 0), projected_.data());
   }
 
   // GroupsKeys, after compact() moved the kept_ slots: the fp32 tails keep the rows of the
@@ -976,6 +1080,7 @@ class KvCache {
         std::size_t end = j + 1;
         while (end < sealed && group_at(page, end) == id) ++end;
         ScoreTile run = tile;
+        if constexpr (fitted) run.queries = projected_.data();
         run.key_codes = page + j * key_bytes_;
         run.tokens = end - j;
         run.scores = tile.scores + j;
@@ -1108,6 +1213,7 @@ class KvCache {
     }
 
     if constexpr (PreparesQueries<Quant>) quantizer_.prepare_queries(queries_.data(), rows, d);
+    if constexpr (fitted) project_queries(head, rows);
 
     // Pages are scored in runs of up to `run_tokens` tokens, then one online-softmax
     // update per row covers the whole run, then the run's values are accumulated: each page
@@ -1214,6 +1320,7 @@ class KvCache {
         if constexpr (PreparesQueries<Quant>) {
           quantizer_.prepare_queries(queries_.data(), rows, geometry_.head_dim);
         }
+        if constexpr (fitted) project_queries(head, rows);
         weights_.assign(rows * n, -std::numeric_limits<float>::infinity());
         const auto visible = visible_counts(head, end, 0, window, window);
         for (std::size_t p = 0; p < head.pages.size(); ++p) {
@@ -1680,6 +1787,7 @@ class KvCache {
   std::vector<float> buffered_window_, merge_keys_, merge_values_;  // query_buffer, merging
   std::vector<std::uint8_t> changed_;
   std::vector<std::byte> group_codes_;  // GroupsKeys: one key group's codes being encoded
+  std::vector<float> projected_;        // FitsKeys: the block's query rows in the basis
 };
 
 }  // namespace kvc
