@@ -6,7 +6,10 @@
 // Dense<float>, Dense<half>, Int8<>, Int8<32>, Q8_0, Q4_0, Fp8E4M3, Fp8E5M2, and
 // Rotated<Q4_0> / Rotated<Int8<>> (rot_q4_0, rot_int8: a Hadamard rotation in front), and
 // Bfp<16, 4> / Bfp<32, 8> (bfp16_4, bfp32_8: block floating point, identity permutation),
-// and Kivi<4> / Kivi<2> (kivi4, kivi2: G = 32, R = 128, the newest tokens in fp32).
+// and Kivi<4> / Kivi<2> (kivi4, kivi2: G = 32, R = 128, the newest tokens in fp32), and
+// LowRankKeys<> (lowrank: rank 32, basis fitted to the first 512-token chunk) and Think<>
+// (think: λ = 0.4, 80 of 128 key channels kept, fitted at an observe() of 16 window
+// queries after the prefill); both keep the newest 128 / 32 tokens in fp32.
 //
 //   BM_append_prefill<Q>/context/check_finite
 //                                      append `context` tokens in chunks of 512 into an
@@ -115,6 +118,21 @@ void fill(Cache<Quant>& cache, kvc::SequenceId sequence, const Context& context)
   }
 }
 
+// A quantizer that fits its key basis at observe() (ThinK) sees a window of 16 queries
+// after the prefill, as a SnapKV-style host sends it; the others need nothing.
+template <class Quant>
+void observe_window(Cache<Quant>& cache, kvc::SequenceId sequence, std::size_t group) {
+  if constexpr (kvc::FitsKeys<Quant>) {
+    if constexpr (Quant::fits_on_observe) {
+      constexpr std::size_t window = 16;
+      const std::size_t q_heads = kv_heads * group;
+      const std::vector<float> queries = random_floats(q_heads * window * head_dim, 14);
+      cache.observe(sequence, 0,
+                    kvc::View<const float, 3>(queries.data(), {q_heads, window, head_dim}));
+    }
+  }
+}
+
 // K + V bytes of one token and kv head as the format stores them (Kivi: with its share of
 // a key group's parameters).
 template <class Quant>
@@ -205,6 +223,7 @@ void BM_attend_kvc(benchmark::State& state) {
   Cache<Quant> cache(geometry_for(group));
   const kvc::SequenceId sequence = cache.open_sequence();
   fill(cache, sequence, context);
+  observe_window(cache, sequence, group);
 
   const std::size_t q_heads = kv_heads * group;
   const std::vector<float> query = random_floats(q_heads * head_dim, 5);
@@ -294,6 +313,7 @@ void BM_attend_quality(benchmark::State& state) {
   const kvc::SequenceId sequence = cache.open_sequence();
   cache.append(sequence, 0, kvc::View<const float, 3>(keys.data(), {kv_heads, tokens, head_dim}),
                kvc::View<const float, 3>(values.data(), {kv_heads, tokens, head_dim}));
+  observe_window(cache, sequence, group);
   std::vector<float> output(q_heads * head_dim);
   for (auto _ : state) {
     cache.attend(sequence, 0, kvc::View<const float, 3>(query.data(), {q_heads, 1, head_dim}),
@@ -442,6 +462,13 @@ BENCHMARK(BM_append_decode<kvc::quant::Kivi<2>>)
     ->Apply(append_shapes)
     ->Iterations(decode_appends)
     ->Unit(benchmark::kNanosecond);
+BENCHMARK(BM_append_prefill<kvc::quant::LowRankKeys<>>)
+    ->Apply(append_shapes)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_append_decode<kvc::quant::LowRankKeys<>>)
+    ->Apply(append_shapes)
+    ->Iterations(decode_appends)
+    ->Unit(benchmark::kNanosecond);
 BENCHMARK(BM_append_prefill<kvc::quant::Fp8E4M3>)
     ->Apply(append_shapes)
     ->Unit(benchmark::kMicrosecond);
@@ -509,6 +536,14 @@ BENCHMARK(BM_attend_kvc<kvc::quant::Kivi<2>>)
     ->Apply(contexts_and_groups)
     ->ArgNames({"context", "group"})
     ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::LowRankKeys<>>)
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_attend_kvc<kvc::quant::Think<>>)
+    ->Apply(contexts_and_groups)
+    ->ArgNames({"context", "group"})
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_attend_kvc<kvc::quant::Fp8E4M3>)
     ->Apply(contexts_and_groups)
     ->ArgNames({"context", "group"})
@@ -540,5 +575,7 @@ BENCHMARK(BM_attend_quality<kvc::quant::Bfp<32, 8>>)->Iterations(1);
 BENCHMARK(BM_attend_quality<kvc::quant::Bfp<32, 8>, true>)->Iterations(1);
 BENCHMARK(BM_attend_quality<kvc::quant::Kivi<4>>)->Iterations(1);
 BENCHMARK(BM_attend_quality<kvc::quant::Kivi<2>>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::LowRankKeys<>>)->Iterations(1);
+BENCHMARK(BM_attend_quality<kvc::quant::Think<>>)->Iterations(1);
 BENCHMARK(BM_attend_quality<kvc::quant::Fp8E4M3>)->Iterations(1);
 BENCHMARK(BM_attend_quality<kvc::quant::Fp8E5M2>)->Iterations(1);

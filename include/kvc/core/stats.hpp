@@ -6,8 +6,9 @@
 //                   unused tail of partially filled pages + alignment padding),
 //   metadata bytes  page tables, per-head policy state (e.g. H2O's accumulated scores) and
 //                   per-head bookkeeping.
-//   staged bytes    held outside the pages by a quantizer that GroupsKeys (KIVI): the
-//                   fp32 rows of the newest tokens and the key groups' parameters (capacity).
+//   staged bytes    held outside the pages by a quantizer that GroupsKeys (KIVI) or
+//                   FitsKeys (ThinK, low-rank keys): the fp32 rows of the newest tokens and
+//                   the key groups' parameters or fitted bases (capacity).
 // Code bytes of such a quantizer count what its stored tokens occupy: key and value codes,
 // key group parameters, and the fp32 rows still waiting.
 // bytes_held() = page bytes + metadata bytes + staged bytes. It is compared with what a plain fp16
