@@ -141,6 +141,190 @@ Tensor3 outlier_keys(std::mt19937& rng, std::size_t heads, std::size_t tokens) {
   return k;
 }
 
+// AsTheCacheCalls with B's integer-path flags, so that check_tile_kernels checks the exact
+// path (ScoreTile::exact) where B's attend takes the integer one.
+template <class B>
+struct Prepared : AsTheCacheCalls<B> {
+  static constexpr bool integer_scores(std::size_t d) { return B::integer_scores(d); }
+  static constexpr bool integer_values(std::size_t d) { return B::integer_values(d); }
+};
+
+// B with attend always on the exact fp32 path (what the integer path is measured against):
+// the checks that compare with a Dense<float> cache token for token need it.
+template <class B>
+struct ExactTiles : B {
+  using B::B;
+  void score_tile(kvc::ScoreTile tile) const noexcept {
+    tile.exact = true;
+    B::score_tile(tile);
+  }
+  void accumulate_tile(const kvc::AccumulateTile& tile) const noexcept {
+    kvc::quant::detail::widened_accumulate_tile(tile, B::row_bytes(tile.head_dim), B::decode);
+  }
+};
+
+// Rows of random bytes (every exponent byte 0..255, every code), then adversarial rows: all
+// zero; denormal steps (exponent byte 0, 1, 2) under every code; the largest exponent bytes
+// (254, and 255 which encode never writes) under the extreme codes (−2^(m−1) · 2^(E−m+2)
+// overflows to −inf there, in the reference as well); all codes negative.
+template <class B>
+std::vector<std::vector<std::byte>> decode_rows(std::mt19937& rng, std::size_t d) {
+  const std::size_t blocks = d / B::block_size, bytes = B::row_bytes(d);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::vector<std::vector<std::byte>> rows;
+  for (int i = 0; i < 20; ++i) {
+    std::vector<std::byte> row(bytes);
+    for (auto& x : row) x = static_cast<std::byte>(byte(rng));
+    rows.push_back(row);
+  }
+  const auto filled = [&](int exponent, int code_byte) {
+    std::vector<std::byte> row(bytes, static_cast<std::byte>(code_byte));
+    for (std::size_t b = 0; b < blocks; ++b) row[b] = static_cast<std::byte>(exponent);
+    return row;
+  };
+  rows.push_back(filled(0, 0));  // all zero
+  for (int exponent : {0, 1, 2, 3, 6, 7, 254, 255}) {
+    for (int code_byte : {0x00, 0x77, 0x88, 0x7F, 0x80, 0x81, 0xFF, 0x0F, 0xF0, 0x18}) {
+      rows.push_back(filled(exponent, code_byte));
+    }
+  }
+  for (int i = 0; i < 8; ++i) {  // random exponents, every code negative
+    std::vector<std::byte> row(bytes);
+    for (std::size_t b = 0; b < blocks; ++b) row[b] = static_cast<std::byte>(byte(rng));
+    for (std::size_t c = blocks; c < bytes; ++c) {
+      row[c] = static_cast<std::byte>(B::mantissa_bits == 8 ? 0x80 | byte(rng) : 0x88 | byte(rng));
+    }
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+template <class B>
+void check_decode_bit_for_bit(unsigned seed) {
+  std::mt19937 rng(seed);
+  for (int byte = 0; byte < 255; ++byte) {
+    REQUIRE(kvc::simd::bfp_steps<B::mantissa_bits>[static_cast<std::size_t>(byte)] ==
+            B::step(byte - 127));
+  }
+  for (std::size_t d : {B::block_size, 2 * B::block_size, std::size_t{96}, std::size_t{128},
+                        std::size_t{256}, std::size_t{512}, std::size_t{544}}) {
+    if (d % B::block_size != 0) continue;
+    for (const auto& stored : decode_rows<B>(rng, d)) {
+      std::vector<std::byte> row(stored.size() + 1);  // off alignment
+      std::memcpy(row.data() + 1, stored.data(), stored.size());
+      std::vector<float> simd(d + 1, -1.0F), value(d + 1, -1.0F), key(d + 1, -1.0F),
+          reference(d + 1, -1.0F);
+      B::decode(row.data() + 1, d, simd.data());
+      B{}.decode_value(row.data() + 1, d, value.data());
+      B{}.decode_key(row.data() + 1, d, key.data());
+      B::decode_reference(row.data() + 1, d, reference.data());
+      INFO(B::name() << ", d = " << d << ", exponent byte " << int(stored[0]));
+      REQUIRE(std::memcmp(simd.data(), reference.data(), (d + 1) * sizeof(float)) == 0);
+      REQUIRE(std::memcmp(value.data(), reference.data(), (d + 1) * sizeof(float)) == 0);
+      REQUIRE(std::memcmp(key.data(), reference.data(), (d + 1) * sizeof(float)) == 0);
+    }
+  }
+}
+
+// The integer tiles against a float64 re-implementation of exactly what they round (each
+// query row to int8; per sub-tile of quant::detail::fused_tokens tokens, row and block of
+// 32, the weights p · step to u8), to fp32 rounding; and against float64 on the decoded rows
+// within the rounding bound: |Δscore| ≤ (s_q/2)·Σ_c|k̂_c|, |Δacc_c| ≤ Σ_j (w_max/255)/2·|q_jc|.
+template <class B>
+void check_integer_tiles(std::size_t d, std::size_t tokens, std::size_t rows, unsigned seed) {
+  using kvc::simd::bfp_steps;
+  constexpr std::size_t b = B::block_size;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  const B quantizer;
+  const std::size_t bytes = B::row_bytes(d);
+  std::vector<std::byte> key_codes(1 + tokens * bytes), value_codes(1 + tokens * bytes);
+  std::vector<float> x(d), keys(tokens * d), values(tokens * d);
+  std::vector<float> queries(rows * d), p(rows * tokens);
+  for (std::size_t t = 0; t < tokens; ++t) {
+    for (std::size_t c = 0; c < d; ++c) x[c] = normal(rng) * (c % 29 == 3 ? 12.0F : 1.0F);
+    quantizer.encode_key(x.data(), d, key_codes.data() + 1 + t * bytes);
+    quantizer.decode_key(key_codes.data() + 1 + t * bytes, d, keys.data() + t * d);
+    for (std::size_t c = 0; c < d; ++c) x[c] = normal(rng);
+    quantizer.encode_value(x.data(), d, value_codes.data() + 1 + t * bytes);
+    quantizer.decode_value(value_codes.data() + 1 + t * bytes, d, values.data() + t * d);
+  }
+  for (float& q : queries) q = normal(rng);
+  for (float& w : p) w = std::abs(normal(rng));
+  std::vector<float> scores(rows * (tokens + 3)), acc(rows * d, 0.5F), scratch(tokens * d);
+  REQUIRE(B::integer_scores(d));
+  kvc::test::score_tile_of(quantizer,
+                           kvc::ScoreTile{queries.data(), rows, key_codes.data() + 1, tokens, d,
+                                          scores.data(), tokens + 3, scratch.data()});
+  quantizer.accumulate_tile(kvc::AccumulateTile{p.data(), rows, tokens, value_codes.data() + 1,
+                                                tokens, d, acc.data(), scratch.data()});
+  const auto code = [&](const std::vector<std::byte>& codes, std::size_t t, std::size_t c) {
+    return B::code_at(codes.data() + 1 + t * bytes, d, c);
+  };
+  const auto step = [&](const std::vector<std::byte>& codes, std::size_t t, std::size_t block) {
+    return double(
+        bfp_steps<B::mantissa_bits>[static_cast<std::uint8_t>(codes[1 + t * bytes + block])]);
+  };
+  std::vector<std::int8_t> q_codes(d);
+  for (std::size_t r = 0; r < rows; ++r) {
+    float q_scale = 0.0F;
+    kvc::simd::reference::quantize_rows_s8(queries.data() + r * d, 1, d, d, q_codes.data(),
+                                           &q_scale);
+    for (std::size_t j = 0; j < tokens; ++j) {
+      double expected = 0, magnitude = 0, exact = 0, exact_magnitude = 0, key_l1 = 0;
+      for (std::size_t c = 0; c < d; ++c) {
+        const double term = double(q_codes[c]) * code(key_codes, j, c) * step(key_codes, j, c / b);
+        expected += term;
+        magnitude += std::abs(term);
+        exact += double(queries[r * d + c]) * keys[j * d + c];
+        exact_magnitude += std::abs(double(queries[r * d + c]) * keys[j * d + c]);
+        key_l1 += std::abs(double(keys[j * d + c]));
+      }
+      const double got = scores[r * (tokens + 3) + j];
+      REQUIRE(std::abs(got - expected * q_scale) <= 1e-6 * magnitude * q_scale + 1e-30);
+      REQUIRE(std::abs(got - exact) <= double(q_scale) / 2 * key_l1 + 1e-5 * exact_magnitude);
+    }
+  }
+  if (!B::integer_values(d)) return;
+  constexpr std::size_t sub = kvc::quant::detail::fused_tokens;
+  std::vector<float> weights(sub);
+  std::vector<std::uint8_t> weight_codes(sub);
+  for (std::size_t r = 0; r < rows; ++r) {
+    std::vector<double> expected(d, 0.5), bound(d, 0.0), exact(d, 0.5), magnitude(d, 0.5);
+    for (std::size_t t0 = 0; t0 < tokens; t0 += sub) {
+      const std::size_t n = std::min(sub, tokens - t0);
+      for (std::size_t block = 0; block < d / b; ++block) {
+        for (std::size_t j = 0; j < n; ++j) {
+          weights[j] =
+              p[r * tokens + t0 + j] * static_cast<float>(step(value_codes, t0 + j, block));
+        }
+        const float factor =
+            kvc::simd::reference::quantize_weights_u8(weights.data(), n, weight_codes.data());
+        for (std::size_t c = block * b; c < (block + 1) * b; ++c) {
+          double sum = 0, l1 = 0;
+          for (std::size_t j = 0; j < n; ++j) {
+            sum += double(weight_codes[j]) * code(value_codes, t0 + j, c);
+            l1 += std::abs(double(code(value_codes, t0 + j, c)));
+          }
+          expected[c] += double(factor) * sum;
+          bound[c] += double(factor) / 2 * l1;
+        }
+      }
+    }
+    for (std::size_t j = 0; j < tokens; ++j) {
+      for (std::size_t c = 0; c < d; ++c) {
+        exact[c] += double(p[r * tokens + j]) * values[j * d + c];
+        magnitude[c] += std::abs(double(p[r * tokens + j]) * values[j * d + c]);
+      }
+    }
+    for (std::size_t c = 0; c < d; ++c) {
+      const double got = acc[r * d + c];
+      REQUIRE(std::abs(got - expected[c]) <= 1e-5 * magnitude[c] + 1e-6);
+      REQUIRE(std::abs(got - exact[c]) <= bound[c] + 1e-5 * magnitude[c] + 1e-6);
+    }
+  }
+}
+
 }  // namespace
 
 TEST_CASE("Bfp sizes, names and supported head_dims", "[bfp]") {
@@ -354,11 +538,10 @@ TEST_CASE("Bfp tiles with prepare_queries match float64 on decoded rows", "[bfp]
   std::mt19937 rng(3);
   check_tile_kernels(Bfp16x4{}, 128, 16, 4, 1);
   check_tile_kernels(Bfp32x8{}, 64, 13, 5, 2);
-  check_tile_kernels(AsTheCacheCalls<Bfp16x4>{Bfp16x4(random_permutation(rng, 128))}, 128, 16, 4,
-                     3);
-  check_tile_kernels(AsTheCacheCalls<Bfp32x8>{Bfp32x8(random_permutation(rng, 64))}, 64, 13, 5, 4);
-  check_tile_kernels(AsTheCacheCalls<Bfp16x8>{Bfp16x8(random_permutation(rng, 32))}, 32, 7, 2, 5);
-  check_tile_kernels(AsTheCacheCalls<Bfp32x4>{Bfp32x4(random_permutation(rng, 256))}, 256, 9, 3, 6);
+  check_tile_kernels(Prepared<Bfp16x4>{{Bfp16x4(random_permutation(rng, 128))}}, 128, 16, 4, 3);
+  check_tile_kernels(Prepared<Bfp32x8>{{Bfp32x8(random_permutation(rng, 64))}}, 64, 13, 5, 4);
+  check_tile_kernels(Prepared<Bfp16x8>{{Bfp16x8(random_permutation(rng, 32))}}, 32, 7, 2, 5);
+  check_tile_kernels(Prepared<Bfp32x4>{{Bfp32x4(random_permutation(rng, 256))}}, 256, 9, 3, 6);
 }
 
 TEST_CASE("Bfp in a KvCache: attend on codes matches float64 on the stored K/V", "[bfp]") {
@@ -369,22 +552,62 @@ TEST_CASE("Bfp in a KvCache: attend on codes matches float64 on the stored K/V",
                                                 kvc::Budget::tokens(64), 64);
 }
 
+// These compare with a Dense<float> cache token for token (H2O's kept set follows attend's
+// weights), so they run the exact fp32 tiles; the integer tiles are checked above and below.
 TEST_CASE("H2O with a permuted Bfp keeps what H2O keeps on the decoded tokens", "[bfp]") {
   std::mt19937 rng(41);
-  check_same_as_dense(kvc::evict::H2O({.recent_tokens = 16}), Bfp16x4(random_permutation(rng, 64)),
-                      64, false, 12.0F);
-  check_same_as_dense(kvc::evict::H2O({.recent_tokens = 8}), Bfp32x8(random_permutation(rng, 64)),
-                      48, false, 12.0F);
+  check_same_as_dense(kvc::evict::H2O({.recent_tokens = 16}),
+                      ExactTiles<Bfp16x4>(random_permutation(rng, 64)), 64, false, 12.0F);
+  check_same_as_dense(kvc::evict::H2O({.recent_tokens = 8}),
+                      ExactTiles<Bfp32x8>(random_permutation(rng, 64)), 48, false, 12.0F);
 }
 
 TEST_CASE("SnapKV with a permuted Bfp keeps what SnapKV keeps on the decoded tokens", "[bfp]") {
   // observe() must permute its window queries too: unpermuted, their scores against the
   // permuted keys would be meaningless and SnapKV would keep other tokens.
   std::mt19937 rng(43);
-  check_same_as_dense(kvc::evict::SnapKV({.window = 16}), Bfp16x4(random_permutation(rng, 64)), 64,
-                      true, 12.0F);
-  check_same_as_dense(kvc::evict::SnapKV({.window = 16}), Bfp32x8(random_permutation(rng, 64)), 64,
-                      true, 12.0F);
+  check_same_as_dense(kvc::evict::SnapKV({.window = 16}),
+                      ExactTiles<Bfp16x4>(random_permutation(rng, 64)), 64, true, 12.0F);
+  check_same_as_dense(kvc::evict::SnapKV({.window = 16}),
+                      ExactTiles<Bfp32x8>(random_permutation(rng, 64)), 64, true, 12.0F);
+}
+
+TEST_CASE("Bfp decode (SIMD) equals decode_reference bit for bit, adversarial rows included",
+          "[bfp]") {
+  check_decode_bit_for_bit<Bfp16x4>(51);
+  check_decode_bit_for_bit<Bfp32x4>(52);
+  check_decode_bit_for_bit<Bfp16x8>(53);
+  check_decode_bit_for_bit<Bfp32x8>(54);
+}
+
+TEST_CASE("Bfp integer tiles round only what they state", "[bfp]") {
+  if (!kvc::simd::has_int8_dot) return;  // the exact path everywhere: checked above
+  check_integer_tiles<Bfp16x4>(128, 100, 5, 61);
+  check_integer_tiles<Bfp32x4>(128, 64, 4, 62);
+  check_integer_tiles<Bfp16x8>(64, 13, 3, 63);
+  check_integer_tiles<Bfp32x8>(256, 70, 4, 64);
+  check_integer_tiles<Bfp32x8>(192, 5, 1, 65);
+}
+
+TEST_CASE("Bfp with a permutation on the integer path: attend matches float64", "[bfp]") {
+  std::mt19937 rng(45);
+  const kvc::Geometry geometry{.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 128};
+  const auto run = [&](auto quantizer) {
+    using B = decltype(quantizer);
+    kvc::KvCache<kvc::evict::Full, B> cache(geometry, {}, {}, quantizer);
+    const auto seq = cache.open_sequence();
+    cache.append(seq, 0, random_tensor(rng, 2, 200, 128).view(),
+                 random_tensor(rng, 2, 200, 128).view());
+    const Tensor3 q = random_tensor(rng, 8, 1, 128);
+    Tensor3 out(8, 1, 128);
+    cache.attend(seq, 0, q.view(), out.mutable_view());
+    // Unpermuted queries against permuted keys would be off by O(1).
+    REQUIRE(kvc::test::attend_error(cache, seq, 0, q, out) < 3e-2);
+  };
+  run(Bfp16x4(random_permutation(rng, 128)));
+  run(Bfp32x8(random_permutation(rng, 128)));
+  run(Bfp32x4(random_permutation(rng, 128)));
+  run(Bfp16x8(random_permutation(rng, 128)));
 }
 
 TEST_CASE("Bfp with a calibrated permutation beats the identity on outlier channels", "[bfp]") {

@@ -37,11 +37,22 @@
 //             before any score tile (PreparesQueries); KvCache does.
 // Cost/step:  append: one pass per row (max, then round; the key gathers its channels
 //             through π). attend: one in-place permutation per query row of the block (cycle
-//             walk, no buffer), independent of the tokens stored; the tiles widen one page tile
-//             (q · step → fp32; m = 8 by simd::dequantize_int8) into the caller's L1 scratch
-//             and reuse simd::dot_block / simd::axpy_block, so scores and outputs are exact
-//             fp32 functions of the stored codes. decode_reference is the plain scalar twin of
-//             the decode (ldexp), which tests compare bit for bit.
+//             walk, no buffer), independent of the tokens stored. Where the target has
+//             AVX-512 VNNI (integer_scores / integer_values), the tiles work on int8 codes
+//             (m = 4: nibbles expanded to int8 in the caller's L1 scratch, simd::expand_nibbles):
+//             scores: each query row rounded to int8 (one scale per row, as Int8<>), q̂·k per
+//             block exact in int32 (vpdpbusd, simd::dot_s8_scaled), times the block's step
+//             and summed in fp32 (head_dim % 64 == 0, ≤ 256); score error ≤ (m_q/254)·Σ|k̂|.
+//             Values, BlockSize 32: the tile's softmax weights × each block's step rounded to
+//             u8 per block (quant/int8_fused.hpp, as Q8_0), error ≤ 1/510 of the tile's
+//             largest; BlockSize 16 keeps the exact fp32 values path (a u8 weight row per
+//             16 channels costs as much as the fp32 FMAs it saves). Measured at 16K, GQA 4
+//             (bench/attend.cpp): bfp16_4 and bfp32_8 faster than Dense<half>. Elsewhere, and
+//             for tiles that ask for exact scores (observe), the tiles widen one page tile
+//             (q · step → fp32, simd::dequantize_bfp: nibbles expanded, then
+//             simd::dequantize_int8) into the caller's L1 scratch and reuse simd::dot_block /
+//             simd::axpy_block: exact fp32 functions of the stored codes. decode is bit for
+//             bit decode_reference (the plain scalar twin, ldexp), which tests compare.
 // Range:      any finite float: E ≤ 127, so x̂ ≤ 127 · 2^121 or 7 · 2^125 < FLT_MAX. The cache
 //             rejects NaN / ±Inf before encoding (check_finite); a direct encode of one is
 //             still defined: ±Inf sets E = 127 and saturates to ±max code, NaN gets the code
@@ -63,8 +74,11 @@
 #include <kvc/core/element.hpp>
 #include <kvc/core/error.hpp>
 #include <kvc/core/events.hpp>
+#include <kvc/quant/int8_fused.hpp>
 #include <kvc/quant/token_codec.hpp>
+#include <kvc/simd/bfp.hpp>
 #include <kvc/simd/int8.hpp>
+#include <kvc/simd/int8_dot.hpp>
 #include <kvc/simd/kernels.hpp>
 
 #include <algorithm>
@@ -73,6 +87,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <span>
@@ -243,19 +258,40 @@ class Bfp {
     }
   }
 
-  // The tiles widen the stored rows (keys in stored order: the queries were permuted).
+  // Whether attend takes the integer path for this head_dim (AVX-512 VNNI; elsewhere the
+  // exact fp32 path). Scores: each query row rounded to int8 (one scale per row), q̂·k per
+  // block in int32 (simd::dot_s8_scaled), scaled by the block's step in fp32 (head_dim a
+  // multiple of 64 up to 256). Values (BlockSize 32): the tile's softmax weights times each
+  // block's step rounded to u8 per block (quant/int8_fused.hpp, as Int8<32> and Q8_0).
+  static constexpr bool integer_scores(std::size_t head_dim) noexcept {
+    return simd::dot_s8_scaled_fits(head_dim, BlockSize) && head_dim % BlockSize == 0;
+  }
+  static constexpr bool integer_values(std::size_t head_dim) noexcept {
+    return BlockSize == 32 && detail::int8_fused_fits(head_dim);
+  }
+
+  // The tiles read the stored rows (keys in stored order: the queries were permuted).
   void score_tile(const ScoreTile& tile) const noexcept {
-    detail::widened_score_tile(tile, row_bytes(tile.head_dim), decode);
+    if (integer_scores(tile.head_dim) && !tile.exact) {
+      integer_score_tile(tile);
+    } else {
+      detail::widened_score_tile(tile, row_bytes(tile.head_dim), decode);
+    }
   }
   void accumulate_tile(const AccumulateTile& tile) const noexcept {
+    if constexpr (BlockSize == 32) {
+      if (integer_values(tile.head_dim)) {
+        integer_accumulate_tile(tile);
+        return;
+      }
+    }
     detail::widened_accumulate_tile(tile, row_bytes(tile.head_dim), decode);
   }
 
-  // One row in stored order (no permutation), the fast path the tiles use.
+  // One row in stored order (no permutation), the fast path the tiles use; bit for bit
+  // decode_reference (simd::dequantize_bfp: q · step, exact in fp32).
   static void decode(const std::byte* codes, std::size_t head_dim, float* out) noexcept {
-    for (std::size_t block = 0; block < blocks(head_dim); ++block) {
-      decode_block(codes, head_dim, block, out + block * BlockSize);
-    }
+    simd::dequantize_bfp<BlockSize, MantissaBits>(codes, out, head_dim);
   }
 
   // The scalar reference of decode: x̂ = ldexp(q, E − m + 2), element by element.
@@ -288,9 +324,6 @@ class Bfp {
     return s >= -126 ? std::bit_cast<float>(static_cast<std::uint32_t>(s + 127) << 23)
                      : std::bit_cast<float>(std::uint32_t{1} << (s + 149));
   }
-  static int exponent_at(const std::byte* codes, std::size_t block) noexcept {
-    return static_cast<int>(static_cast<unsigned>(codes[block])) - exponent_bias;
-  }
   // A 4-bit two's complement field, sign-extended.
   static int low_nibble(unsigned byte) noexcept {
     return static_cast<int>(static_cast<std::int8_t>(static_cast<std::uint8_t>(byte << 4))) >> 4;
@@ -303,17 +336,94 @@ class Bfp {
   static void decode_block(const std::byte* codes, std::size_t head_dim, std::size_t block,
                            float* out) noexcept {
     const std::byte* mantissas = codes + blocks(head_dim);
-    const float block_step = step(exponent_at(codes, block));
+    const float block_step = simd::bfp_steps<MantissaBits>[static_cast<std::uint8_t>(codes[block])];
     if constexpr (MantissaBits == 8) {
       simd::dequantize_int8(reinterpret_cast<const std::int8_t*>(mantissas + block * BlockSize),
                             block_step, out, BlockSize);
     } else {
-      const std::byte* packed = mantissas + block * (BlockSize / 2);
-      for (std::size_t j = 0; j < BlockSize / 2; ++j) {
-        const auto byte = static_cast<unsigned>(packed[j]);
-        out[2 * j] = block_step * static_cast<float>(low_nibble(byte));
-        out[2 * j + 1] = block_step * static_cast<float>(high_nibble(byte));
+      std::array<std::int8_t, BlockSize> q;
+      simd::expand_nibbles(mantissas + block * (BlockSize / 2), q.data(), BlockSize);
+      simd::dequantize_int8(q.data(), block_step, out, BlockSize);
+    }
+  }
+
+  // Where the int8 codes and steps of a row are, for quant/int8_fused.hpp: a stored m = 8
+  // row, or a m = 4 row expanded to [exponent bytes][int8 codes] (the steps stay m = 4's).
+  struct StepLayout {
+    std::size_t stride, code_offset, chunk_stride, chunks_per_scale;
+    static float scale(const std::byte* row, std::size_t s) noexcept {
+      return simd::bfp_steps<MantissaBits>[static_cast<std::uint8_t>(row[s])];
+    }
+  };
+
+  // Per sub-tile of detail::fused_tokens tokens: the steps of every block (from the
+  // exponent bytes), the key codes as int8 (m = 4: expanded into the scratch), and per
+  // block of up to 4 query rows: s[r][j] = sq_r · Σ_b step_jb · Σ_{c in b} q̂[r][c]·k[j][c].
+  static void integer_score_tile(const ScoreTile& tile) noexcept {
+    constexpr std::size_t sub = detail::fused_tokens;
+    constexpr std::size_t max_d = detail::fused_max_head_dim;
+    const std::size_t d = tile.head_dim;
+    const std::size_t count = blocks(d);
+    const std::size_t stride = row_bytes(d);
+    std::array<std::int8_t, detail::fused_rows * max_d> query_codes;
+    std::array<float, detail::fused_rows> query_scales;
+    std::array<float, sub*(max_d / BlockSize)> steps;
+    // m = 4: the sub-tile's codes as int8 rows of d (sub · d bytes ≤ the scratch's floats).
+    auto* expanded = reinterpret_cast<std::int8_t*>(tile.scratch);
+    for (std::size_t t0 = 0; t0 < tile.tokens; t0 += sub) {
+      const std::size_t tokens = std::min(sub, tile.tokens - t0);
+      const std::byte* rows = tile.key_codes + t0 * stride;
+      for (std::size_t j = 0; j < tokens; ++j) {
+        for (std::size_t b = 0; b < count; ++b) {
+          steps[j * count + b] =
+              simd::bfp_steps<MantissaBits>[static_cast<std::uint8_t>(rows[j * stride + b])];
+        }
       }
+      const std::int8_t* codes = reinterpret_cast<const std::int8_t*>(rows + count);
+      std::size_t ldk = stride;
+      if constexpr (MantissaBits == 4) {
+        for (std::size_t j = 0; j < tokens; ++j) {
+          simd::expand_nibbles(rows + j * stride + count, expanded + j * d, d);
+        }
+        codes = expanded;
+        ldk = d;
+      }
+      for (std::size_t r0 = 0; r0 < tile.rows; r0 += detail::fused_rows) {
+        const std::size_t block = std::min(detail::fused_rows, tile.rows - r0);
+        simd::quantize_rows_s8(tile.queries + r0 * d, block, d, d, query_codes.data(),
+                               query_scales.data());
+        float* scores = tile.scores + r0 * tile.scores_stride + t0;
+        simd::dot_s8_scaled(query_codes.data(), block, d, codes, tokens, ldk, steps.data(),
+                            BlockSize, count, scores, tile.scores_stride);
+        for (std::size_t r = 0; r < block; ++r) {
+          float* __restrict row_scores = scores + r * tile.scores_stride;
+          const float query_scale = query_scales[r];
+          for (std::size_t j = 0; j < tokens; ++j) row_scores[j] *= query_scale;
+        }
+      }
+    }
+  }
+
+  // BlockSize 32: one block per 32-channel chunk of the integer kernels, its step the
+  // chunk's scale. m = 8 reads the stored codes; m = 4 expands the tile's rows first into
+  // [exponent bytes][int8 codes] rows in the scratch (tokens · (d/32 + d) bytes).
+  static void integer_accumulate_tile(const AccumulateTile& tile) noexcept {
+    const std::size_t d = tile.head_dim;
+    const std::size_t count = blocks(d);
+    if constexpr (MantissaBits == 8) {
+      detail::int8_fused_accumulate(tile, StepLayout{row_bytes(d), count, BlockSize, 1});
+    } else {
+      auto* rows = reinterpret_cast<std::byte*>(tile.scratch);
+      const std::size_t stride = count + d;
+      for (std::size_t j = 0; j < tile.tokens; ++j) {
+        const std::byte* row = tile.value_codes + j * row_bytes(d);
+        std::memcpy(rows + j * stride, row, count);
+        simd::expand_nibbles(row + count, reinterpret_cast<std::int8_t*>(rows + j * stride + count),
+                             d);
+      }
+      AccumulateTile expanded = tile;
+      expanded.value_codes = rows;
+      detail::int8_fused_accumulate(expanded, StepLayout{stride, count, BlockSize, 1});
     }
   }
 
