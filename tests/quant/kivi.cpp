@@ -515,6 +515,9 @@ TEST_CASE("kivi: composes with H2O, SnapKV and D2O merging", "[quant][kivi][cach
   kvc::test::check_composes_over_decode(kvc::evict::SnapKV({.window = 16}), Kivi4{}, true,
                                         attend_tolerance);
   kvc::test::check_composes_over_decode(kvc::evict::D2O<>{}, Kivi4{}, false, attend_tolerance);
+  // 8-bit codes (0..255) in the same cache: attend within the same bound.
+  kvc::test::check_composes_over_decode(kvc::evict::H2O{}, kvc::quant::Kivi<8, group, residual>{},
+                                        false, attend_tolerance);
 }
 
 TEST_CASE("kivi: bad input is rejected before anything is stored", "[quant][kivi][cache]") {
@@ -534,4 +537,29 @@ TEST_CASE("kivi: bad input is rejected before anything is stored", "[quant][kivi
   CHECK(cache.stats().code_bytes == 0);
   const kvc::Geometry odd{.layers = 1, .q_heads = 2, .kv_heads = 1, .head_dim = 48};
   CHECK_THROWS_AS((kvc::KvCache<kvc::evict::Full, Kivi2>(odd)), kvc::UnsupportedError);
+}
+
+TEST_CASE("kivi: the byte unpacking of the integer path equals the float one", "[quant][kivi]") {
+  std::mt19937 rng(31);
+  std::uniform_int_distribution<int> byte(0, 255);
+  const auto check = [&](auto codes_of_bits) {
+    using Codes = decltype(codes_of_bits);
+    for (const std::size_t channels : {std::size_t{32}, std::size_t{64}, std::size_t{128}}) {
+      std::vector<std::byte> packed(Codes::packed_bytes(channels));
+      for (std::byte& b : packed) b = static_cast<std::byte>(byte(rng));
+      std::vector<std::int8_t> as_bytes(channels);
+      std::vector<float> as_floats(channels);
+      Codes::widen(packed.data(), channels, as_bytes.data());
+      Codes::widen(packed.data(), channels, as_floats.data());
+      for (std::size_t c = 0; c < channels; ++c) {
+        // Compared as unsigned bytes: 8-bit codes reach 255 (Kivi<8> keeps the fp32 path).
+        const auto code = static_cast<std::uint8_t>(as_bytes[c]);
+        REQUIRE(float(code) == as_floats[c]);
+        REQUIRE(unsigned(code) == Codes::get(packed.data(), c, channels));
+      }
+    }
+  };
+  check(kvc::quant::detail::AsymmetricCodes<2>{});
+  check(kvc::quant::detail::AsymmetricCodes<4>{});
+  check(kvc::quant::detail::AsymmetricCodes<8>{});
 }

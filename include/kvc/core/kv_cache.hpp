@@ -1232,7 +1232,10 @@ class KvCache {
         // Stream ahead: the next page's keys, and this page's values for the accumulate
         // pass (a run's values, ≤ 256 tokens, stay in L2 until then).
         if (end + 1 < pages_to_read_.size()) {
-          simd::prefetch(pool_.data(head.pages[pages_to_read_[end + 1]]), tokens * key_bytes_);
+          const std::byte* next = pool_.data(head.pages[pages_to_read_[end + 1]]);
+          simd::prefetch(next, tokens * key_bytes_);
+          // score_page reads each slot's key group id to split the page into runs.
+          if constexpr (grouped) simd::prefetch(next + group_offset_, tokens * sizeof(GroupId));
         }
         simd::prefetch(pool_.data(head.pages[pages_to_read_[end]]) + value_offset_,
                        tokens * value_bytes_);

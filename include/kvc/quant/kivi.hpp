@@ -34,12 +34,12 @@
 //             the caller's L1 scratch. The full-precision tail runs through plain fp32
 //             kernels in the same online softmax ("quantized part + full-precision part in
 //             one softmax"). Where the target has AVX-512 VNNI (simd::has_int8_dot, d ≤ 256,
-//             d and Group multiples of 32) the codes are widened to int8 instead and both
-//             products run on simd/int8_dot.hpp's integer kernels, rounding what Int8<32>'s
-//             path rounds: each row q∘s to int8 (per row scale), each tile's weights p·s to
-//             u8; the m terms (q·m, Σ p·m) stay fp32. Tiles that ask for exact scores
-//             (observe) and other targets take the fp32 path, an exact function of the codes.
-//             Appending a token encodes one value row; every Residual tokens a head
+//             d and Group multiples of 32, Bits < 8: the codes must fit int8) the codes are widened
+//             to int8 instead and both products run on simd/int8_dot.hpp's integer kernels,
+//             rounding what Int8<32>'s path rounds: each row q∘s to int8 (per row scale), each
+//             tile's weights p·s to u8; the m terms (q·m, Σ p·m) stay fp32. Tiles that ask for
+//             exact scores (observe) and other targets take the fp32 path, an exact function of the
+//             codes. Appending a token encodes one value row; every Residual tokens a head
 //             quantizes Residual keys (O(Residual · d)).
 // Eviction:   a stored token keeps its codes and its group's parameters whatever is evicted
 //             around it, so a partly evicted group still decodes exactly as before; a group's
@@ -145,6 +145,24 @@ struct AsymmetricCodes {
   static void widen(const std::byte* codes, std::size_t channels, T* out) noexcept {
     const std::size_t stride = channels / per_byte;
     const auto* bytes = reinterpret_cast<const std::uint8_t*>(codes);
+    if constexpr (sizeof(T) == 1) {
+      // Bytes out (the integer kernels): 8 codes per 64-bit word, shifted and masked in
+      // place — a code never crosses its byte, so (word >> shift) & 0x0303… (2 bits) keeps
+      // exactly the byte-wise result without widening to 16-bit lanes and packing back.
+      if (stride % 8 == 0) {
+        constexpr std::uint64_t mask = 0x0101010101010101ULL * levels;
+        for (std::size_t k = 0; k < per_byte; ++k) {
+          const unsigned shift = static_cast<unsigned>(k) * Bits;
+          for (std::size_t j = 0; j < stride; j += 8) {
+            std::uint64_t word;
+            std::memcpy(&word, bytes + j, sizeof word);
+            word = (word >> shift) & mask;
+            std::memcpy(out + k * stride + j, &word, sizeof word);
+          }
+        }
+        return;
+      }
+    }
     for (std::size_t k = 0; k < per_byte; ++k) {
       T* part = out + k * stride;
       const unsigned shift = static_cast<unsigned>(k) * Bits;
@@ -327,8 +345,10 @@ struct Kivi {
     return 4 * (head_dim / Group);
   }
 
+  // The integer kernels take the codes as int8: 2- and 4-bit codes fit, 8-bit ones (up to
+  // 255) do not, so Kivi<8> stays on the fp32 path.
   static constexpr bool integer_kernels(std::size_t head_dim) noexcept {
-    return detail::int8_fused_fits(head_dim) && Group % simd::int8_chunk == 0;
+    return Bits < 8 && detail::int8_fused_fits(head_dim) && Group % simd::int8_chunk == 0;
   }
 
   // scores[r][j] = (float)Σ_c ŵ_rc · code_jc · scale_r, ŵ = the row q∘s rounded to int8;

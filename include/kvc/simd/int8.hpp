@@ -30,7 +30,12 @@ namespace kvc::simd {
 inline float load_fp16(const std::byte* bytes) noexcept {
   std::uint16_t bits = 0;
   std::memcpy(&bits, bytes, sizeof bits);
+#if defined(__F16C__)
+  // One vcvtph2ps instead of Eigen's portable bit manipulation (both exact).
+  return _cvtsh_ss(bits);
+#else
   return static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(bits));
+#endif
 }
 
 // Round to nearest even (Eigen::half), stored as 2 little-endian bytes.
