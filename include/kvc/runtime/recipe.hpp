@@ -35,12 +35,22 @@
 //       kvc::recipe_planners, kvc::recipe_quantizers};
 //   kvc::make_cache("mine:budget=64", geometry, {}, my_recipes);
 //
-// Compile time: make_cache dispatches the quantizer, then the scorer, and instantiates one
-// KvCache per (quantizer, scorer): 7 × 7 = 49 with the tables below, ≈ 0.9 s each at -O2
-// (≈ 46 s of CPU for the TU that calls it; docs/recipes.md). The planner is chosen at run
-// time inside RecipePlanner: as a type it would double that. Nothing is instantiated
-// until a TU calls make_cache (it is a template), so including this header costs little;
-// call it from one TU. A registry listing only the policies you use compiles faster.
+// Compile time: make_cache dispatches the quantizer (a row of recipe_quantizers: one
+// detail::build_row), then the scorer, and instantiates one KvCache per (quantizer, scorer):
+// 10 × 13 = 130 with the tables below, ≈ 2 s each at -O3 (≈ 4.5 min of CPU for the TU that
+// calls it; docs/recipes.md). The planner is chosen at run time inside RecipePlanner: as a
+// type it would multiply that. Nothing is instantiated until a TU calls make_cache (it is a
+// template), so including this header costs little; call it from one TU. A registry
+// listing only the policies you use compiles faster. For the default registry, a program
+// can instead compile each row once, in .cpp files of its own (in parallel, and never in
+// the TUs that call make_cache):
+//   #define KVC_EXTERN_DEFAULT_RECIPES  // in every TU calling make_cache(recipe, geometry[,
+//   #include <kvc/runtime/recipe.hpp>   // options]): `extern template`, no row instantiated
+// and, for each row n in 0 .. KVC_DEFAULT_RECIPE_ROW_COUNT - 1, in some .cpp (one per row
+// compiles in parallel; `KVC_INSTANTIATE_DEFAULT_RECIPES;` is every row in one):
+//   #include <kvc/runtime/recipe.hpp>
+//   KVC_INSTANTIATE_DEFAULT_RECIPE_ROW(n);
+// kvc's own tests and examples do (src/default_recipes.cpp, library kvc_default_recipes).
 #pragma once
 
 #include <kvc/budget/ada_kv.hpp>
@@ -1256,59 +1266,93 @@ struct RecipePlannerOf<std::tuple<Entries...>> {
 template <class Table>
 using first_policy = entry_policy<std::tuple_element_t<0, Table>>;
 
-// Quantizer first, then scorer: one KvCache per (quantizer, scorer). The planner is chosen
-// at run time inside RecipePlanner; a scorer that never evicts gets the default planner.
+// What build_row needs to build the cache a parsed recipe names, whatever the row: the
+// arguments of each role (their names and parameters already looked up in the registry's
+// tables) and the options. Not a template, so that the explicit instantiations of
+// build_row (KVC_INSTANTIATE_DEFAULT_RECIPE_ROW) take it as it is.
+struct BuildRequest {
+  const ParsedRecipe& parsed;
+  RecipeArguments scorer_args;
+  RecipeArguments planner_args;
+  // Holds the selecting settings too ("group=32"), which the quantizer does not declare.
+  RecipeArguments quantizer_args;
+  std::string text;  // the canonical recipe: the cache's recipe()
+  Geometry geometry;
+  CacheOptions options;
+};
+
+// The caches of ONE quantizer row: dispatches the scorer, one KvCache per scorer. The
+// planner is chosen at run time inside RecipePlanner; a scorer that never evicts gets the
+// default planner. Not inline: a TU that sees `extern template` for a row (the default
+// registry's, KVC_EXTERN_DEFAULT_RECIPES) instantiates nothing of it.
+template <class Registry, std::size_t Row>
+std::unique_ptr<AnyCache> build_row(const Registry& registry, BuildRequest& request) {
+  using Planners = decltype(registry.planners);
+  using Quant = entry_policy<std::tuple_element_t<Row, decltype(registry.quantizers)>>;
+  using Result = std::unique_ptr<AnyCache>;
+  const ParsedRecipe& parsed = request.parsed;
+  return visit_row<Result>(registry.scorers, parsed.scorer, [&](const auto& scorer) -> Result {
+    using Scorer = entry_policy<decltype(scorer)>;
+    Scorer scorer_policy = RecipeOptions<Scorer>::make(request.scorer_args);
+    Quant quant_policy = RecipeOptions<Quant>::make(request.quantizer_args);
+    if constexpr (!Scorer::evicts) {
+      using Planner = first_policy<Planners>;
+      using Cache = KvCache<Scorer, Quant, retrieval::Exhaustive, offload::None, Planner>;
+      return std::make_unique<CacheModel<Cache>>(
+          std::move(request.text), request.geometry, request.options, std::move(scorer_policy),
+          std::move(quant_policy), retrieval::Exhaustive{}, offload::None{},
+          RecipeOptions<Planner>::make(request.planner_args));
+    } else {
+      using Planner = typename RecipePlannerOf<Planners>::type;
+      using Cache = KvCache<Scorer, Quant, retrieval::Exhaustive, offload::None, Planner>;
+      auto planner = visit_row<std::optional<Planner>>(
+          registry.planners, parsed.planner, [&](const auto& entry) {
+            using Chosen = entry_policy<decltype(entry)>;
+            if constexpr (MakesPlanner<Scorer, Chosen>) {
+              return std::optional<Planner>(
+                  Planner(RecipeOptions<Scorer>::make_planner(request.scorer_args)));
+            } else {
+              return std::optional<Planner>(
+                  Planner(RecipeOptions<Chosen>::make(request.planner_args)));
+            }
+          });
+      return std::make_unique<CacheModel<Cache>>(
+          std::move(request.text), request.geometry, request.options, std::move(scorer_policy),
+          std::move(quant_policy), retrieval::Exhaustive{}, offload::None{}, *std::move(planner));
+    }
+  });
+}
+
+// Quantizer first (the row, at run time), then scorer (in build_row): one KvCache per
+// (quantizer, scorer).
 template <class Registry>
 std::unique_ptr<AnyCache> build(const Registry& registry, const ParsedRecipe& parsed,
                                 std::string_view recipe, std::string text, Geometry geometry,
                                 CacheOptions options) {
-  using Planners = decltype(registry.planners);
   const auto scorers = table_info(registry.scorers);
   const auto planners = table_info(registry.planners);
   const auto quantizers = table_info(registry.quantizers);
   const std::span<const RecipeSetting> settings(parsed.spec.settings);
-  const RecipeArguments scorer_args(recipe, scorers[parsed.scorer].name,
-                                    scorers[parsed.scorer].parameters,
-                                    settings.first(parsed.scorer_settings));
-  const RecipeArguments planner_args(recipe, planners[parsed.planner].name,
-                                     planners[parsed.planner].parameters,
-                                     settings.subspan(parsed.scorer_settings));
-  // Holds the selecting settings too ("group=32"), which the quantizer does not declare.
-  const RecipeArguments quantizer_args(recipe, quantizers[parsed.quantizer].name,
-                                       quantizers[parsed.quantizer].parameters,
-                                       parsed.spec.quantizer_settings);
+  BuildRequest request{
+      parsed,
+      RecipeArguments(recipe, scorers[parsed.scorer].name, scorers[parsed.scorer].parameters,
+                      settings.first(parsed.scorer_settings)),
+      RecipeArguments(recipe, planners[parsed.planner].name, planners[parsed.planner].parameters,
+                      settings.subspan(parsed.scorer_settings)),
+      RecipeArguments(recipe, quantizers[parsed.quantizer].name,
+                      quantizers[parsed.quantizer].parameters, parsed.spec.quantizer_settings),
+      std::move(text),
+      geometry,
+      options};
   using Result = std::unique_ptr<AnyCache>;
-  return visit_row<Result>(registry.quantizers, parsed.quantizer, [&](const auto& quantizer) {
-    using Quant = entry_policy<decltype(quantizer)>;
-    return visit_row<Result>(registry.scorers, parsed.scorer, [&](const auto& scorer) -> Result {
-      using Scorer = entry_policy<decltype(scorer)>;
-      Scorer scorer_policy = RecipeOptions<Scorer>::make(scorer_args);
-      Quant quant_policy = RecipeOptions<Quant>::make(quantizer_args);
-      if constexpr (!Scorer::evicts) {
-        using Planner = first_policy<Planners>;
-        using Cache = KvCache<Scorer, Quant, retrieval::Exhaustive, offload::None, Planner>;
-        return std::make_unique<CacheModel<Cache>>(
-            std::move(text), geometry, options, std::move(scorer_policy), std::move(quant_policy),
-            retrieval::Exhaustive{}, offload::None{}, RecipeOptions<Planner>::make(planner_args));
-      } else {
-        using Planner = typename RecipePlannerOf<Planners>::type;
-        using Cache = KvCache<Scorer, Quant, retrieval::Exhaustive, offload::None, Planner>;
-        auto planner = visit_row<std::optional<Planner>>(
-            registry.planners, parsed.planner, [&](const auto& entry) {
-              using Chosen = entry_policy<decltype(entry)>;
-              if constexpr (MakesPlanner<Scorer, Chosen>) {
-                return std::optional<Planner>(
-                    Planner(RecipeOptions<Scorer>::make_planner(scorer_args)));
-              } else {
-                return std::optional<Planner>(Planner(RecipeOptions<Chosen>::make(planner_args)));
-              }
-            });
-        return std::make_unique<CacheModel<Cache>>(
-            std::move(text), geometry, options, std::move(scorer_policy), std::move(quant_policy),
-            retrieval::Exhaustive{}, offload::None{}, *std::move(planner));
-      }
-    });
-  });
+  return [&]<std::size_t... Row>(std::index_sequence<Row...>) {
+    Result result{};
+    ((Row == parsed.quantizer ? (void)(result = build_row<Registry, Row>(registry, request))
+                              : void()),
+     ...);
+    return result;
+  }
+  (std::make_index_sequence<std::tuple_size_v<decltype(registry.quantizers)>>{});
 }
 
 inline RecipeInfo::Parameter parameter_info(const RecipeParameter& parameter) {
@@ -1316,6 +1360,50 @@ inline RecipeInfo::Parameter parameter_info(const RecipeParameter& parameter) {
           std::string(parameter.description), std::string(parameter.choices)};
 }
 
+}  // namespace detail
+
+// ---- the default registry, compiled once (opt-in; "Compile time" at the top) -------------
+// KVC_EXTERN_DEFAULT_RECIPES declares, and KVC_INSTANTIATE_DEFAULT_RECIPE_ROW(n) defines, the
+// explicit instantiation of build_row for row n of recipe_quantizers. The rows are listed by
+// hand (an explicit instantiation cannot be generated): when recipe_quantizers gains or loses
+// an entry, update both macros below (the static_assert after them checks).
+#define KVC_DEFAULT_RECIPE_ROW_COUNT 10
+#define KVC_DETAIL_DEFAULT_RECIPE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9)
+
+// Explicit instantiation (definition) of row N of the default registry; at namespace scope.
+#define KVC_INSTANTIATE_DEFAULT_RECIPE_ROW(N)                                                 \
+  template std::unique_ptr<::kvc::AnyCache> kvc::detail::build_row<::kvc::DefaultRecipes, N>( \
+      const ::kvc::DefaultRecipes&, ::kvc::detail::BuildRequest&)
+#define KVC_DETAIL_INSTANTIATE_ROW(N) KVC_INSTANTIATE_DEFAULT_RECIPE_ROW(N);
+// Every row, in one TU.
+#define KVC_INSTANTIATE_DEFAULT_RECIPES \
+  KVC_DETAIL_DEFAULT_RECIPE_ROWS(KVC_DETAIL_INSTANTIATE_ROW) static_assert(true)
+
+namespace detail {
+#define KVC_DETAIL_LIST_ROW(N) N,
+inline constexpr std::size_t default_recipe_rows[] = {
+    KVC_DETAIL_DEFAULT_RECIPE_ROWS(KVC_DETAIL_LIST_ROW)};
+#undef KVC_DETAIL_LIST_ROW
+constexpr bool default_recipe_rows_listed() {
+  for (std::size_t i = 0; i < std::size(default_recipe_rows); ++i) {
+    if (default_recipe_rows[i] != i) return false;
+  }
+  return true;
+}
+static_assert(std::tuple_size_v<decltype(recipe_quantizers)> == KVC_DEFAULT_RECIPE_ROW_COUNT &&
+                  std::size(default_recipe_rows) == KVC_DEFAULT_RECIPE_ROW_COUNT &&
+                  default_recipe_rows_listed(),
+              "kvc: recipe_quantizers changed size: set KVC_DEFAULT_RECIPE_ROW_COUNT to its size "
+              "and list every row 0 .. size - 1 in KVC_DETAIL_DEFAULT_RECIPE_ROWS "
+              "(kvc/runtime/recipe.hpp)");
+
+#ifdef KVC_EXTERN_DEFAULT_RECIPES
+#define KVC_DETAIL_EXTERN_ROW(N)                                                                \
+  extern template std::unique_ptr<AnyCache> build_row<DefaultRecipes, N>(const DefaultRecipes&, \
+                                                                         BuildRequest&);
+KVC_DETAIL_DEFAULT_RECIPE_ROWS(KVC_DETAIL_EXTERN_ROW)
+#undef KVC_DETAIL_EXTERN_ROW
+#endif
 }  // namespace detail
 
 // Parses and checks a recipe without building anything (ValueError on a bad one). An
