@@ -66,18 +66,30 @@ void check_integer_tiles(const std::vector<float>& queries, const std::vector<fl
       float q_scale = 0.0F;
       kvc::simd::reference::quantize_rows_s8(queries.data() + r * d, 1, d, d, q_codes.data(),
                                              &q_scale);
+      // A scale per `width` channels: one per row (Int8<>), or per block (Int8<32>, q8_0).
+      const std::size_t width = layout.chunks_per_scale * kvc::simd::int8_chunk;
       for (std::size_t j = 0; j < tokens; ++j) {
         const std::byte* row = key_codes + j * layout.stride;
-        double dot = 0, exact = 0, key_l1 = 0, magnitude = 0;
+        double expected = 0, codes_l1 = 0, exact = 0, key_l1 = 0, magnitude = 0;
+        for (std::size_t b = 0; b < d / width; ++b) {
+          double dot = 0, l1 = 0;  // dot: exact in int32 in the kernel
+          for (std::size_t c = b * width; c < (b + 1) * width; ++c) {
+            dot += double(q_codes[c]) * code_at(layout, row, c);
+            l1 += std::abs(double(q_codes[c]) * code_at(layout, row, c));
+          }
+          const double scale = double(q_scale) * double(layout.scale(row, b));
+          expected += dot * scale;
+          codes_l1 += l1 * std::abs(scale);
+        }
         for (std::size_t c = 0; c < d; ++c) {
-          dot += double(q_codes[c]) * code_at(layout, row, c);
           exact += double(queries[r * d + c]) * decoded_keys[j * d + c];
           key_l1 += std::abs(double(decoded_keys[j * d + c]));
           magnitude += std::abs(double(queries[r * d + c]) * decoded_keys[j * d + c]);
         }
-        const double expected = dot * double(q_scale) * double(layout.scale(row, 0));
         const double got = scores[r * lds + j];
-        REQUIRE(std::abs(got - expected) <= 1e-6 * std::abs(expected) + 1e-30);
+        // fp32 rounding of the scaled partial sums (a block's, or a lane's 4 channels) and
+        // of their sum.
+        REQUIRE(std::abs(got - expected) <= 1e-6 * codes_l1 + 1e-30);
         REQUIRE(std::abs(got - exact) <= double(q_scale) / 2 * key_l1 + 1e-5 * magnitude + 1e-6);
       }
     }
@@ -164,6 +176,22 @@ void check_tile_kernels(const Q& quantizer, std::size_t d, std::size_t tokens, s
     check_integer_tiles<Q>(queries, p, rows, tokens, d, key_codes.data() + offset,
                            value_codes.data() + offset, decoded_keys, decoded_values, scores,
                            tokens + 3, acc);
+  }
+  if (integer_scores_of<Q>(d)) {
+    // KvCache hands the integer path the query rows already rounded (ScoreTile::query_codes,
+    // once per attend block): the same scores, bit for bit.
+    std::vector<std::int8_t> query_codes(rows * d);
+    std::vector<float> query_scales(rows), again(scores.size());
+    kvc::simd::reference::quantize_rows_s8(queries.data(), rows, d, d, query_codes.data(),
+                                           query_scales.data());
+    score_tile_of(quantizer, kvc::ScoreTile{queries.data(), rows, key_codes.data() + offset, tokens,
+                                            d, again.data(), tokens + 3, scratch.data(), false,
+                                            query_codes.data(), query_scales.data()});
+    for (std::size_t r = 0; r < rows; ++r) {
+      for (std::size_t j = 0; j < tokens; ++j) {
+        REQUIRE(again[r * (tokens + 3) + j] == scores[r * (tokens + 3) + j]);
+      }
+    }
   }
   // A tile that asks for exact scores (observe does) gets the fp32 path in every format.
   const bool exact_scores = !integer_scores_of<Q>(d), exact_values = !integer_values_of<Q>(d);
@@ -333,6 +361,15 @@ struct AsTheCacheCalls {
       quantizer.prepare_queries(queries.data(), tile.rows, tile.head_dim);
     }
     tile.queries = queries.data();
+    // KvCache rounds the prepared rows (ScoreTile::query_codes), so the adapter does too.
+    std::vector<std::int8_t> codes(tile.query_codes != nullptr ? queries.size() : 0);
+    std::vector<float> scales(tile.query_codes != nullptr ? tile.rows : 0);
+    if (tile.query_codes != nullptr) {
+      kvc::simd::quantize_rows_s8(queries.data(), tile.rows, tile.head_dim, tile.head_dim,
+                                  codes.data(), scales.data());
+      tile.query_codes = codes.data();
+      tile.query_scales = scales.data();
+    }
     quantizer.score_tile(tile);
   }
   void accumulate_tile(kvc::AccumulateTile tile) const {

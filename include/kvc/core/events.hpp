@@ -122,6 +122,12 @@ struct ScoreTile {
   // as the integer paths of quant::Int8 do). observe() asks for it: it selects tokens once,
   // where precision matters more than speed.
   bool exact = false;
+  // For a quantizer whose integer path rounds the query rows to int8 (Q::integer_scores):
+  // the rows as simd::quantize_rows_s8 rounds them ([rows][head_dim] codes, one scale per
+  // row), done once per attend block by KvCache rather than once per tile. Null: the
+  // kernel rounds them itself.
+  const std::int8_t* query_codes = nullptr;
+  const float* query_scales = nullptr;
 };
 
 // Asked of a quantizer that FitsKeys (ThinK, low-rank keys) once per kv head: fit the

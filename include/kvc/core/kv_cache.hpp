@@ -38,11 +38,13 @@
 #include <kvc/offload/none.hpp>
 #include <kvc/quant/dense.hpp>
 #include <kvc/retrieval/exhaustive.hpp>
+#include <kvc/simd/int8_dot.hpp>
 #include <kvc/simd/kernels.hpp>
 
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -1064,24 +1066,24 @@ class KvCache {
         writable_page(head, slot) + value_offset_ + (slot % options_.page_tokens) * value_bytes_);
   }
 
-  // Scores of the first tile.tokens slots of page p into tile.scores (tile.key_codes is
+  // Scores of slots [slot, slot + tile.tokens) of page p into tile.scores (tile.key_codes is
   // set here): the quantizer's tile kernel, or (GroupsKeys) one tile per run of slots
   // sharing a key group and plain fp32 for the slots still waiting.
-  void score_page(const Head& head, std::size_t p, ScoreTile tile) const {
+  void score_slots(const Head& head, std::size_t p, std::size_t slot, ScoreTile tile) const {
     const std::byte* page = pool_.data(head.pages[p]);
-    tile.key_codes = page;
+    tile.key_codes = page + slot * key_bytes_;
     if constexpr (grouped) {
-      const std::size_t first = p * options_.page_tokens;
+      const std::size_t first = p * options_.page_tokens + slot;
       const std::size_t encoded = head.staging.keys_encoded;
       const std::size_t sealed =
           encoded > first ? std::min(tile.tokens, encoded - first) : std::size_t{0};
       for (std::size_t j = 0; j < sealed;) {
-        const GroupId id = group_at(page, j);
+        const GroupId id = group_at(page, slot + j);
         std::size_t end = j + 1;
-        while (end < sealed && group_at(page, end) == id) ++end;
+        while (end < sealed && group_at(page, slot + end) == id) ++end;
         ScoreTile run = tile;
         if constexpr (fitted) run.queries = projected_.data();
-        run.key_codes = page + j * key_bytes_;
+        run.key_codes = tile.key_codes + j * key_bytes_;
         run.tokens = end - j;
         run.scores = tile.scores + j;
         quantizer_.score_tile(run, key_group(head, id));
@@ -1098,13 +1100,14 @@ class KvCache {
     }
   }
 
-  // acc += weights · values of the first tile.tokens slots of page p (tile.value_codes is
-  // set here); GroupsKeys: the slots in the fp32 window in plain fp32.
-  void accumulate_page(const Head& head, std::size_t p, AccumulateTile tile) const {
-    tile.value_codes = pool_.data(head.pages[p]) + value_offset_;
+  // acc += weights · values of slots [slot, slot + tile.tokens) of page p (tile.value_codes
+  // is set here); GroupsKeys: the slots in the fp32 window in plain fp32.
+  void accumulate_slots(const Head& head, std::size_t p, std::size_t slot,
+                        AccumulateTile tile) const {
+    tile.value_codes = pool_.data(head.pages[p]) + value_offset_ + slot * value_bytes_;
     if constexpr (grouped) {
       const detail::KeyGroupStaging& staging = head.staging;
-      const std::size_t first = p * options_.page_tokens;
+      const std::size_t first = p * options_.page_tokens + slot;
       const std::size_t encoded = staging.values_encoded;
       const std::size_t sealed =
           encoded > first ? std::min(tile.tokens, encoded - first) : std::size_t{0};
@@ -1214,38 +1217,77 @@ class KvCache {
 
     if constexpr (PreparesQueries<Quant>) quantizer_.prepare_queries(queries_.data(), rows, d);
     if constexpr (fitted) project_queries(head, rows);
+    // The integer score paths round each query row to int8: once here, not once per tile.
+    const std::int8_t* query_codes = nullptr;
+    if constexpr (requires { Quant::integer_scores(d); }) {
+      if (Quant::integer_scores(d)) {
+        query_codes_.resize(rows * d);
+        query_scales_.resize(rows);
+        simd::quantize_rows_s8(queries_.data(), rows, d, d, query_codes_.data(),
+                               query_scales_.data());
+        query_codes = query_codes_.data();
+      }
+    }
 
     // Pages are scored in runs of up to `run_tokens` tokens, then one online-softmax
     // update per row covers the whole run, then the run's values are accumulated: each page
     // is still read once, and the per-row softmax bookkeeping is amortized over many pages.
     const std::size_t run_tokens =
         std::max(page_tokens, std::size_t{256} / page_tokens * page_tokens);
+    const std::size_t run_pages = run_tokens / page_tokens;
+    const auto page_reach = [&](std::size_t i) {
+      return std::min(page_tokens, reach - pages_to_read_[i] * page_tokens);
+    };
+    // What the loop below reads from the pool, in its order (a run's keys, then its values),
+    // prefetched `prefetch_distance` bytes ahead: pumped as each slice of slots is consumed, so
+    // DRAM streams during both the scoring and the accumulating pass.
+    prefetch_.clear();
+    for (std::size_t begin = 0; begin < pages_to_read_.size(); begin += run_pages) {
+      const std::size_t end = std::min(pages_to_read_.size(), begin + run_pages);
+      for (std::size_t i = begin; i < end; ++i) {
+        const std::byte* page = pool_.data(head.pages[pages_to_read_[i]]);
+        prefetch_.add(page, page_reach(i) * key_bytes_);
+        if constexpr (grouped) prefetch_.add(page + group_offset_, page_reach(i) * sizeof(GroupId));
+      }
+      for (std::size_t i = begin; i < end; ++i) {
+        prefetch_.add(pool_.data(head.pages[pages_to_read_[i]]) + value_offset_,
+                      page_reach(i) * value_bytes_);
+      }
+    }
+    // Tuned on Zen 5 at 16K context (docs/benchmarks.md): 16 KiB ahead; slices of about
+    // 4 KiB of keys (16 slots of f16 or int8, a whole page of kivi2) and 8 KiB of values.
+    // Smaller slices prefetch more smoothly but pay the tile kernels' per-call setup (the
+    // integer paths' query and weight rounding) more often.
+    constexpr std::size_t prefetch_distance = std::size_t{16} << 10;
+    const auto slice_for = [&](std::size_t budget, std::size_t bytes) {
+      return std::min(
+          page_tokens,
+          std::max(std::size_t{8}, std::bit_floor(budget / std::max(bytes, std::size_t{1}))));
+    };
+    const std::size_t key_slice = slice_for(4096, key_bytes_);
+    const std::size_t value_slice = slice_for(8192, value_bytes_);
+    const std::size_t key_stream_bytes = key_bytes_ + (grouped ? sizeof(GroupId) : 0);
+    prefetch_.pump(prefetch_distance);
+
     scores_.resize(rows * run_tokens);
     for (std::size_t begin = 0; begin < pages_to_read_.size();) {
-      std::size_t end = begin;
+      const std::size_t end = std::min(pages_to_read_.size(), begin + run_pages);
       std::size_t width = 0;  // tokens in this run
       run_offsets_.clear();
       run_counts_.clear();
-      while (end < pages_to_read_.size() && width + page_tokens <= run_tokens) {
-        const std::size_t page_first = pages_to_read_[end] * page_tokens;
-        const std::size_t tokens = std::min(page_tokens, reach - page_first);
-        // Stream ahead: the next page's keys, and this page's values for the accumulate
-        // pass (a run's values, ≤ 256 tokens, stay in L2 until then).
-        if (end + 1 < pages_to_read_.size()) {
-          const std::byte* next = pool_.data(head.pages[pages_to_read_[end + 1]]);
-          simd::prefetch(next, tokens * key_bytes_);
-          // score_page reads each slot's key group id to split the page into runs.
-          if constexpr (grouped) simd::prefetch(next + group_offset_, tokens * sizeof(GroupId));
+      for (std::size_t i = begin; i < end; ++i) {
+        const std::size_t tokens = page_reach(i);
+        for (std::size_t slot = 0; slot < tokens; slot += key_slice) {
+          const std::size_t n = std::min(key_slice, tokens - slot);
+          score_slots(head, pages_to_read_[i], slot,
+                      ScoreTile{queries_.data(), rows, nullptr, n, d, scores_.data() + width + slot,
+                                run_tokens, tile_scratch_.data(), false, query_codes,
+                                query_codes != nullptr ? query_scales_.data() : nullptr});
+          prefetch_.pump(n * key_stream_bytes);
         }
-        simd::prefetch(pool_.data(head.pages[pages_to_read_[end]]) + value_offset_,
-                       tokens * value_bytes_);
-        score_page(head, pages_to_read_[end],
-                   ScoreTile{queries_.data(), rows, nullptr, tokens, d, scores_.data() + width,
-                             run_tokens, tile_scratch_.data()});
         run_offsets_.push_back(width);
         run_counts_.push_back(tokens);
         width += tokens;
-        ++end;
       }
       for (std::size_t r = 0; r < rows; ++r) {
         float* row = scores_.data() + r * run_tokens;
@@ -1278,9 +1320,13 @@ class KvCache {
       for (std::size_t i = begin; i < end; ++i) {
         const std::size_t offset = run_offsets_[i - begin];
         const std::size_t tokens = run_counts_[i - begin];
-        accumulate_page(head, pages_to_read_[i],
-                        AccumulateTile{scores_.data() + offset, rows, run_tokens, nullptr, tokens,
-                                       d, accumulator_.data(), tile_scratch_.data()});
+        for (std::size_t slot = 0; slot < tokens; slot += value_slice) {
+          const std::size_t n = std::min(value_slice, tokens - slot);
+          accumulate_slots(head, pages_to_read_[i], slot,
+                           AccumulateTile{scores_.data() + offset + slot, rows, run_tokens, nullptr,
+                                          n, d, accumulator_.data(), tile_scratch_.data()});
+          prefetch_.pump(n * value_bytes_);
+        }
       }
       begin = end;
     }
@@ -1329,9 +1375,9 @@ class KvCache {
         for (std::size_t p = 0; p < head.pages.size(); ++p) {
           const std::size_t first = p * options_.page_tokens;
           const std::size_t tokens = std::min(options_.page_tokens, n - first);
-          score_page(head, p,
-                     ScoreTile{queries_.data(), rows, nullptr, tokens, geometry_.head_dim,
-                               weights_.data() + first, n, tile_scratch_.data(), /*exact=*/true});
+          score_slots(head, p, 0,
+                      ScoreTile{queries_.data(), rows, nullptr, tokens, geometry_.head_dim,
+                                weights_.data() + first, n, tile_scratch_.data(), /*exact=*/true});
         }
         for (std::size_t r = 0; r < rows; ++r) {
           float* row = weights_.data() + r * n;
@@ -1776,6 +1822,9 @@ class KvCache {
 
   // Scratch reused across calls so the hot path does not allocate once warmed up.
   std::vector<float> queries_, scores_, accumulator_, running_max_, running_sum_, tile_scratch_;
+  simd::PrefetchStream prefetch_;         // attend_block's reads, in order (see there)
+  std::vector<std::int8_t> query_codes_;  // queries_ rounded to int8 (integer score paths)
+  std::vector<float> query_scales_;
   std::vector<float> weights_, head_weights_, key_scratch_, token_scores_;
   std::vector<std::size_t> visible_, head_budgets_, stored_, run_offsets_, run_counts_;
   std::vector<std::uint32_t> pages_to_read_, kept_;

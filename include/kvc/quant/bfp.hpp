@@ -390,14 +390,14 @@ class Bfp {
       }
       for (std::size_t r0 = 0; r0 < tile.rows; r0 += detail::fused_rows) {
         const std::size_t block = std::min(detail::fused_rows, tile.rows - r0);
-        simd::quantize_rows_s8(tile.queries + r0 * d, block, d, d, query_codes.data(),
-                               query_scales.data());
+        const auto [q_codes, q_scales] =
+            detail::query_codes_of(tile, r0, block, query_codes.data(), query_scales.data());
         float* scores = tile.scores + r0 * tile.scores_stride + t0;
-        simd::dot_s8_scaled(query_codes.data(), block, d, codes, tokens, ldk, steps.data(),
-                            BlockSize, count, scores, tile.scores_stride);
+        simd::dot_s8_scaled(q_codes, block, d, codes, tokens, ldk, steps.data(), BlockSize, count,
+                            scores, tile.scores_stride);
         for (std::size_t r = 0; r < block; ++r) {
           float* __restrict row_scores = scores + r * tile.scores_stride;
-          const float query_scale = query_scales[r];
+          const float query_scale = q_scales[r];
           for (std::size_t j = 0; j < tokens; ++j) row_scores[j] *= query_scale;
         }
       }

@@ -21,9 +21,10 @@
 // Cost/step:  reads ~0.51× the bytes of Dense<half> per token. Where the target has AVX-512
 //             VNNI and head_dim is a multiple of 32 up to 256 (integer_scores/values), attend
 //             multiplies codes by codes (simd/int8_dot.hpp): q·k in int32 with each query row
-//             rounded to int8 (Int8<> only: the key needs one scale per token), P·V in int32
-//             with the tile's softmax weights rounded to u8 — 1.3× (16K–32K) to 1.8× (1K)
-//             faster than Dense<half> at GQA 4 (bench/results/attend.md), for a score error ≤
+//             rounded to int8 (Int8<G>: per group in int32, times the group's scale in fp32,
+//             simd::dot_s8_scaled; head_dim % 64 == 0 unless G = 32), P·V in int32 with the
+//             tile's softmax weights rounded to u8 — faster than Dense<half> at GQA 4
+//             (bench/results/attend.md), for a score error ≤
 //             (m_q/254) · Σ|k̂| and a weight error ≤ 1/510 of the tile's largest weight. Elsewhere
 //             it widens one page tile (codes × scale → fp32) into L1 scratch and runs
 //             simd::dot_block / axpy_block: exact fp32 functions of the codes. Tiles that
@@ -92,11 +93,16 @@ struct Int8 : TokenCodec<Int8<Group>> {
   }
 
   // Whether attend takes the integer path (kvc/simd/int8_dot.hpp: VNNI on the codes) for
-  // this head_dim: for scores it rounds each query row to int8 (one scale per row; needs
-  // one scale per token, Int8<>), for values the tile's softmax weights to u8 (any Group of
-  // 32·k channels). Elsewhere attend takes TokenCodec's exact fp32 path.
+  // this head_dim: for scores it rounds each query row to int8 (one scale per row; Int8<G>
+  // sums each group in int32 and scales it in fp32), for values the tile's softmax weights
+  // to u8 (any Group of 32·k channels). Elsewhere attend takes TokenCodec's exact fp32 path.
   static constexpr bool integer_scores(std::size_t head_dim) noexcept {
-    return Group == 0 && detail::int8_fused_fits(head_dim);
+    if constexpr (Group == 0) {
+      return detail::int8_fused_fits(head_dim);
+    } else {
+      return Group % 32 == 0 && detail::int8_fused_fits(head_dim) &&
+             simd::dot_s8_scaled_fits(head_dim, Group);
+    }
   }
   static constexpr bool integer_values(std::size_t head_dim) noexcept {
     return Group % 32 == 0 && detail::int8_fused_fits(head_dim);
@@ -104,7 +110,11 @@ struct Int8 : TokenCodec<Int8<Group>> {
 
   void score_tile(const ScoreTile& tile) const noexcept {
     if (integer_scores(tile.head_dim) && !tile.exact) {
-      detail::int8_fused_scores(tile, layout(tile.head_dim));
+      if constexpr (Group == 0) {
+        detail::int8_fused_scores(tile, layout(tile.head_dim));
+      } else {
+        detail::int8_fused_block_scores(tile, layout(tile.head_dim));
+      }
     } else {
       TokenCodec<Int8>::score_tile(tile);
     }

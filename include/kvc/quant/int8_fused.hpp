@@ -12,18 +12,23 @@
 // What the kernels round (queries to int8 per row, weights to u8 per tile) and why is in
 // kvc/simd/int8_dot.hpp. Per tile and block of up to 4 query rows:
 //   score:       s[r][j] = (float)Σ_c q̂[r][c]·k̂[j][c] · (sq_r · sk_j)     (one scale per row)
+//   block score: s[r][j] = sq_r · Σ_b sk_jb · (float)Σ_{c in b} q̂[r][c]·k̂[j][c]
+//                                                  (a scale per block b of 32·k channels)
 //   accumulate:  for each scale s of the row: w[j] = p[r][j] · scale_s(j), ŵ = u8(w),
 //                acc[r][c] += (w_max/255) · (float)Σ_j ŵ_j · v̂[j][c]   (c in scale s's chunks)
 // Tiles are cut into sub-tiles of `fused_tokens` tokens so the buffers stay on the stack.
 #pragma once
 
 #include <kvc/core/events.hpp>
+#include <kvc/simd/bfp.hpp>
 #include <kvc/simd/int8_dot.hpp>
 
 #include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <utility>
 
 namespace kvc::quant::detail {
 
@@ -34,6 +39,18 @@ inline constexpr std::size_t fused_rows = 4;
 // Whether the integer path serves this head_dim (else the format's fp32 path does).
 constexpr bool int8_fused_fits(std::size_t head_dim) noexcept {
   return simd::has_int8_dot && head_dim % simd::int8_chunk == 0 && head_dim <= fused_max_head_dim;
+}
+
+// The int8 codes and scales of query rows [r0, r0 + count): the tile's (rounded once per
+// attend block by KvCache), else rounded here into `codes` / `scales` — the same numbers.
+inline std::pair<const std::int8_t*, const float*> query_codes_of(const ScoreTile& tile,
+                                                                  std::size_t r0, std::size_t count,
+                                                                  std::int8_t* codes,
+                                                                  float* scales) noexcept {
+  const std::size_t d = tile.head_dim;
+  if (tile.query_codes != nullptr) return {tile.query_codes + r0 * d, tile.query_scales + r0};
+  simd::quantize_rows_s8(tile.queries + r0 * d, count, d, d, codes, scales);
+  return {codes, scales};
 }
 
 // Formats with one scale per token row (chunks_per_scale == head_dim / 32).
@@ -51,19 +68,72 @@ void int8_fused_scores(const ScoreTile& tile, const Layout& layout) noexcept {
       key_scales[j] = layout.scale(rows + j * layout.stride, 0);
     for (std::size_t r0 = 0; r0 < tile.rows; r0 += fused_rows) {
       const std::size_t block = std::min(fused_rows, tile.rows - r0);
-      simd::quantize_rows_s8(tile.queries + r0 * d, block, d, d, query_codes.data(),
-                             query_scales.data());
-      simd::dot_s8(query_codes.data(), block, d,
+      const auto [q_codes, q_scales] =
+          query_codes_of(tile, r0, block, query_codes.data(), query_scales.data());
+      simd::dot_s8(q_codes, block, d,
                    reinterpret_cast<const std::int8_t*>(rows + layout.code_offset), tokens,
                    layout.stride, dots.data(), fused_tokens);
       for (std::size_t r = 0; r < block; ++r) {
         float* __restrict scores = tile.scores + (r0 + r) * tile.scores_stride + t0;
         const std::int32_t* __restrict dot = dots.data() + r * fused_tokens;
         const float* __restrict key_scale = key_scales.data();
-        const float query_scale = query_scales[r];
+        const float query_scale = q_scales[r];
         for (std::size_t j = 0; j < tokens; ++j) {
           scores[j] = static_cast<float>(dot[j]) * (query_scale * key_scale[j]);
         }
+      }
+    }
+  }
+}
+
+// Formats with a scale per block of 32·k channels (Int8<32>, q8_0): each block's q·k exact
+// in int32 and scaled by the key's block scale in fp32 (simd::dot_s8_scaled), then by the
+// query row's scale. dot_s8_scaled wants each token's codes as one int8 row: a row whose
+// chunks are not contiguous (q8_0 keeps a scale before each) is gathered into the scratch
+// first (tile.tokens · d bytes, within the page_tokens · d floats the tile may use).
+template <class Layout>
+void int8_fused_block_scores(const ScoreTile& tile, const Layout& layout) noexcept {
+  constexpr std::size_t max_chunks = fused_max_head_dim / simd::int8_chunk;
+  const std::size_t d = tile.head_dim;
+  const std::size_t block = layout.chunks_per_scale * simd::int8_chunk;
+  const std::size_t blocks = d / block;
+  std::array<std::int8_t, fused_rows * fused_max_head_dim> query_codes;
+  std::array<float, fused_rows> query_scales;
+  std::array<float, fused_tokens * max_chunks> key_scales;  // [token][block]
+  const bool contiguous = layout.chunk_stride == simd::int8_chunk;
+  auto* gathered = reinterpret_cast<std::int8_t*>(tile.scratch);
+  for (std::size_t t0 = 0; t0 < tile.tokens; t0 += fused_tokens) {
+    const std::size_t tokens = std::min(fused_tokens, tile.tokens - t0);
+    const std::byte* rows = tile.key_codes + t0 * layout.stride;
+    for (std::size_t j = 0; j < tokens; ++j) {
+      for (std::size_t b = 0; b < blocks; ++b) {
+        key_scales[j * blocks + b] = layout.scale(rows + j * layout.stride, b);
+      }
+    }
+    const std::int8_t* codes = reinterpret_cast<const std::int8_t*>(rows + layout.code_offset);
+    std::size_t ldk = layout.stride;
+    if (!contiguous) {
+      for (std::size_t j = 0; j < tokens; ++j) {
+        const std::byte* row = rows + j * layout.stride + layout.code_offset;
+        for (std::size_t c = 0; c < d; c += simd::int8_chunk) {
+          std::memcpy(gathered + j * d + c, row + c / simd::int8_chunk * layout.chunk_stride,
+                      simd::int8_chunk);
+        }
+      }
+      codes = gathered;
+      ldk = d;
+    }
+    for (std::size_t r0 = 0; r0 < tile.rows; r0 += fused_rows) {
+      const std::size_t count = std::min(fused_rows, tile.rows - r0);
+      const auto [q_codes, q_scales] =
+          query_codes_of(tile, r0, count, query_codes.data(), query_scales.data());
+      float* scores = tile.scores + r0 * tile.scores_stride + t0;
+      simd::dot_s8_scaled(q_codes, count, d, codes, tokens, ldk, key_scales.data(), block, blocks,
+                          scores, tile.scores_stride);
+      for (std::size_t r = 0; r < count; ++r) {
+        float* __restrict row_scores = scores + r * tile.scores_stride;
+        const float query_scale = q_scales[r];
+        for (std::size_t j = 0; j < tokens; ++j) row_scores[j] *= query_scale;
       }
     }
   }

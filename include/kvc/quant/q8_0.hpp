@@ -12,13 +12,14 @@
 //             q[j] = roundf(x[j] · (1 / d)) (ties away from zero), x̂ = fp16(d) · q.
 //             |x − x̂| ≤ d / 2 + 127 · |d − fp16(d)| (≤ ~0.56 d).
 // Needs:      head_dim % 32 == 0.
-// Cost/step:  scores: attend widens one page tile (d · q → fp32, simd::dequantize_q8_0) into
-//             the caller's L1 scratch and reuses simd::dot_block — exact fp32 functions of
-//             the codes (a per-block scale leaves an integer dot little to gain). Values:
-//             where the target has AVX-512 VNNI and head_dim ≤ 256 (integer_values), P·V runs
-//             on the codes (simd/int8_dot.hpp) with each block's weights (softmax weight ×
-//             block scale) rounded to u8 per tile, error ≤ 1/510 of the tile's largest;
-//             elsewhere simd::axpy_block on widened codes, exact.
+// Cost/step:  where the target has AVX-512 VNNI and head_dim ≤ 256 (integer_scores: also
+//             head_dim % 64 == 0; integer_values), attend runs on the codes
+//             (simd/int8_dot.hpp, simd::dot_s8_scaled): q·k per block exact in int32 times
+//             the block's scale, the query row rounded to int8 (score error ≤ (m_q/254)·Σ|k̂|);
+//             P·V with each block's weights (softmax weight × block scale) rounded to u8 per
+//             tile, error ≤ 1/510 of the tile's largest. Elsewhere, and for observe's exact
+//             tiles, it widens one page tile (d · q → fp32, simd::dequantize_q8_0) into the
+//             caller's L1 scratch and runs simd::dot_block / axpy_block: exact.
 // Paper:      none; the format of ggml (Gerganov et al., github.com/ggml-org/ggml), used by
 //             llama.cpp's `--cache-type-k/v q8_0`.
 // Choices:    encoding follows ggml's reference `quantize_row_q8_0_ref` exactly (multiply by
@@ -75,13 +76,22 @@ struct Q8_0 : TokenCodec<Q8_0> {
     }
   }
 
-  // attend's value tiles: the integer path (simd/int8_dot.hpp, one u8 weight row per block)
-  // where the target has VNNI, else TokenCodec's exact fp32 path. Scores always take the
-  // exact path: with a scale per 32-channel block, an integer dot saves little over fp32
-  // FMAs on widened codes, and the query would be rounded for it.
-  static constexpr bool integer_scores(std::size_t) noexcept { return false; }
+  // attend's integer paths where the target has VNNI (simd/int8_dot.hpp): scores with each
+  // block's q·k exact in int32 times its scale (the query row rounded to int8), values with
+  // one u8 weight row per block; else TokenCodec's exact fp32 paths.
+  static constexpr bool integer_scores(std::size_t head_dim) noexcept {
+    return detail::int8_fused_fits(head_dim) && simd::dot_s8_scaled_fits(head_dim, block_values);
+  }
   static constexpr bool integer_values(std::size_t head_dim) noexcept {
     return detail::int8_fused_fits(head_dim);
+  }
+
+  void score_tile(const ScoreTile& tile) const noexcept {
+    if (integer_scores(tile.head_dim) && !tile.exact) {
+      detail::int8_fused_block_scores(tile, layout(tile.head_dim));
+    } else {
+      TokenCodec<Q8_0>::score_tile(tile);
+    }
   }
 
   void accumulate_tile(const AccumulateTile& tile) const noexcept {

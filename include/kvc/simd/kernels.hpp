@@ -27,11 +27,14 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // Forces inlining of the unrolled lambda bodies below: an accumulator array stays in registers
 // only if no out-of-line call takes its address (g++ 12 otherwise outlines the larger bodies
@@ -57,6 +60,53 @@ inline void prefetch(const void* pointer, std::size_t bytes) noexcept {
   for (std::size_t offset = 0; offset < bytes; offset += 64)
     __builtin_prefetch(first + offset, 0, 3);
 }
+
+// A software pipeline for reads from DRAM: the byte ranges a loop will read, in the order
+// it reads them, prefetched a fixed distance ahead of use. After consuming n bytes the loop
+// calls pump(n), which prefetches the next n bytes of the stream, so about `distance` bytes
+// stay in flight. Prefetching a whole page at once instead issues hundreds of prefetches
+// in a burst: the core stalls on full miss buffers while DRAM works, then computes while
+// DRAM idles; interleaved, the two overlap.
+class PrefetchStream {
+ public:
+  void clear() noexcept {
+    ranges_.clear();
+    range_ = 0;
+    offset_ = 0;
+  }
+  void add(const void* pointer, std::size_t bytes) {
+    if (bytes > 0) ranges_.push_back({static_cast<const char*>(pointer), bytes});
+  }
+  // Prefetches the next `bytes` bytes of the stream (fewer at its end).
+  void pump(std::size_t bytes) noexcept {
+    while (bytes > 0 && range_ < ranges_.size()) {
+      const Range& range = ranges_[range_];
+      const std::size_t take = std::min(bytes, range.bytes - offset_);
+      // Whole cache lines: from the line holding the first byte to the one holding the last.
+      const auto first = reinterpret_cast<std::uintptr_t>(range.first + offset_) & ~line_mask;
+      const auto end = reinterpret_cast<std::uintptr_t>(range.first + offset_ + take);
+      for (std::uintptr_t line = first; line < end; line += line_mask + 1) {
+        __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
+      }
+      offset_ += take;
+      bytes -= take;
+      if (offset_ == range.bytes) {
+        ++range_;
+        offset_ = 0;
+      }
+    }
+  }
+
+ private:
+  static constexpr std::uintptr_t line_mask = 63;
+  struct Range {
+    const char* first;
+    std::size_t bytes;
+  };
+  std::vector<Range> ranges_;
+  std::size_t range_ = 0;
+  std::size_t offset_ = 0;
+};
 
 namespace detail {
 
