@@ -37,7 +37,7 @@
 //
 // Compile time: make_cache dispatches the quantizer (a row of recipe_quantizers: one
 // detail::build_row), then the scorer, and instantiates one KvCache per (quantizer, scorer):
-// 10 × 13 = 130 with the tables below, ≈ 2 s each at -O3 (≈ 4.5 min of CPU for the TU that
+// 10 × 13 = 130 with the tables below, ≈ 1.7 s each at -O3 (≈ 4 min of CPU for the TU that
 // calls it; docs/recipes.md). The planner is chosen at run time inside RecipePlanner: as a
 // type it would multiply that. Nothing is instantiated until a TU calls make_cache (it is a
 // template), so including this header costs little; call it from one TU. A registry
