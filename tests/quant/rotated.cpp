@@ -138,7 +138,7 @@ TEST_CASE("Rotated sizes, names and supported head_dims", "[rotated]") {
   CHECK(Rotated<Int8<>>::integer_scores(64) == Int8<>::integer_scores(64));
   CHECK(Rotated<Int8<32>>::integer_values(128) == Int8<32>::integer_values(128));
   CHECK(kvc::test::integer_scores_of<Rotated<Int8<>>>(64) == Int8<>::integer_scores(64));
-  CHECK(!kvc::test::integer_scores_of<Rotated<Q4_0>>(64));
+  CHECK(kvc::test::integer_scores_of<Rotated<Q4_0>>(64) == Q4_0::integer_scores(64));
 }
 
 TEST_CASE("Rotated stores Q's codes of H·x (hand-computed and against the reference)",
@@ -222,13 +222,16 @@ TEST_CASE("Rotated in a KvCache: attend on codes matches float64 on the stored K
 }
 
 TEST_CASE("H2O with Rotated<Q4_0> keeps what H2O keeps on the decoded tokens", "[rotated]") {
-  check_same_as_dense(kvc::evict::H2O({.recent_tokens = 16}), Rotated<Q4_0>{}, 64, false);
+  // Token for token against Dense<float>: the exact score path (the integer one rounds q).
+  check_same_as_dense(kvc::evict::H2O({.recent_tokens = 16}),
+                      kvc::test::ExactScores<Rotated<Q4_0>>{}, 64, false);
 }
 
 TEST_CASE("SnapKV with Rotated<Q4_0> keeps what SnapKV keeps on the decoded tokens", "[rotated]") {
   // observe() must rotate its window queries too: unrotated, their scores against the
   // rotated keys would be meaningless and SnapKV would keep other tokens.
-  check_same_as_dense(kvc::evict::SnapKV({.window = 16}), Rotated<Q4_0>{}, 64, true);
+  check_same_as_dense(kvc::evict::SnapKV({.window = 16}), kvc::test::ExactScores<Rotated<Q4_0>>{},
+                      64, true);
 }
 
 TEST_CASE("Rotated<Dense<float>> attends like Dense<float> to fp32 rounding", "[rotated]") {

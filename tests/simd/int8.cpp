@@ -82,3 +82,24 @@ TEST_CASE("reference dequantizers follow ggml's formulas on a hand-built block",
   CHECK(out[17] == 0.0F);
   CHECK(kvc::simd::load_fp16(q4.data()) == -2.0F);
 }
+
+TEST_CASE("expand_q4_0 equals the reference and each block's dequantized values over d",
+          "[simd][int8]") {
+  std::mt19937 rng(23);
+  for (std::size_t blocks : {1, 2, 3, 4, 7}) {
+    const auto q4 = random_blocks(rng, blocks, 18);
+    std::vector<std::int8_t> a(blocks * 32), b(blocks * 32);
+    kvc::simd::expand_q4_0(q4.data() + 1, a.data(), blocks * 32);
+    kvc::simd::reference::expand_q4_0(q4.data() + 1, b.data(), blocks * 32);
+    REQUIRE(a == b);
+    // code · d is exactly what dequantize_q4_0 writes (both one fp32 product).
+    std::vector<float> values(blocks * 32);
+    kvc::simd::reference::dequantize_q4_0(q4.data() + 1, values.data(), blocks * 32);
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      const float d = kvc::simd::load_fp16(q4.data() + 1 + i / 32 * 18);
+      REQUIRE(a[i] >= -8);
+      REQUIRE(a[i] <= 7);
+      REQUIRE(d * static_cast<float>(a[i]) == values[i]);
+    }
+  }
+}

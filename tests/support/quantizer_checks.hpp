@@ -42,6 +42,7 @@ bool integer_values_of(std::size_t d) {
 // Channel c's int8 code in a row of Q's integer layout.
 template <class Layout>
 int code_at(const Layout& layout, const std::byte* row, std::size_t c) {
+  if constexpr (requires { Layout::code(row, c); }) return Layout::code(row, c);  // nibbles
   return static_cast<std::int8_t>(
       row[layout.code_offset + c / kvc::simd::int8_chunk * layout.chunk_stride +
           c % kvc::simd::int8_chunk]);
@@ -332,6 +333,18 @@ Errors errors_vs_original(const B& quantizer, const Tensor3& k, const Tensor3& v
   return {std::sqrt(key2 / double(k.data.size())), std::sqrt(sum2 / double(out.data.size()))};
 }
 
+// Q with attend's scores always on the exact fp32 path (ScoreTile::exact), where Q's own
+// would round the queries (integer_scores): for checks that compare with a Dense<float>
+// cache token for token.
+template <class Q>
+struct ExactScores : Q {
+  using Q::Q;
+  void score_tile(kvc::ScoreTile tile) const noexcept {
+    tile.exact = true;
+    Q::score_tile(tile);
+  }
+};
+
 // Drives a quantizer's tiles as KvCache does, so that check_tile_kernels can compare them
 // with float64 on decode_key / decode_value: the query rows go through prepare_queries
 // (PreparesQueries) before score_tile, and each tile's accumulator starts at 0 and goes
@@ -339,6 +352,9 @@ Errors errors_vs_original(const B& quantizer, const Tensor3& k, const Tensor3& v
 template <class Q>
 struct AsTheCacheCalls {
   Q quantizer{};
+  // Q's integer-path flags, so that check_tile_kernels knows which path Q's tiles take.
+  static bool integer_scores(std::size_t d) { return integer_scores_of<Q>(d); }
+  static bool integer_values(std::size_t d) { return integer_values_of<Q>(d); }
   std::size_t key_bytes(std::size_t d) const { return quantizer.key_bytes(d); }
   std::size_t value_bytes(std::size_t d) const { return quantizer.value_bytes(d); }
   template <class S>

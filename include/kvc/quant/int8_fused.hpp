@@ -89,8 +89,9 @@ void int8_fused_scores(const ScoreTile& tile, const Layout& layout) noexcept {
 // Formats with a scale per block of 32·k channels (Int8<32>, q8_0): each block's q·k exact
 // in int32 and scaled by the key's block scale in fp32 (simd::dot_s8_scaled), then by the
 // query row's scale. dot_s8_scaled wants each token's codes as one int8 row: a row whose
-// chunks are not contiguous (q8_0 keeps a scale before each) is gathered into the scratch
-// first (tile.tokens · d bytes, within the page_tokens · d floats the tile may use).
+// chunks are not contiguous (q8_0 keeps a scale before each), or whose codes are not bytes
+// (q4_0: Layout::gather_codes), is gathered into the scratch first (tile.tokens · d bytes,
+// within the page_tokens · d floats the tile may use).
 template <class Layout>
 void int8_fused_block_scores(const ScoreTile& tile, const Layout& layout) noexcept {
   constexpr std::size_t max_chunks = fused_max_head_dim / simd::int8_chunk;
@@ -112,7 +113,14 @@ void int8_fused_block_scores(const ScoreTile& tile, const Layout& layout) noexce
     }
     const std::int8_t* codes = reinterpret_cast<const std::int8_t*>(rows + layout.code_offset);
     std::size_t ldk = layout.stride;
-    if (!contiguous) {
+    if constexpr (requires { Layout::gather_codes(rows, d, gathered); }) {
+      // Codes that are not bytes (q4_0's nibbles): the layout widens them to int8.
+      for (std::size_t j = 0; j < tokens; ++j) {
+        Layout::gather_codes(rows + j * layout.stride, d, gathered + j * d);
+      }
+      codes = gathered;
+      ldk = d;
+    } else if (!contiguous) {
       for (std::size_t j = 0; j < tokens; ++j) {
         const std::byte* row = rows + j * layout.stride + layout.code_offset;
         for (std::size_t c = 0; c < d; c += simd::int8_chunk) {

@@ -14,9 +14,13 @@
 //             except for the clamped top code: values of the opposite sign to m with
 //             |x / d| ∈ [7.5, 8] get q = 15 (x̂ = 7 d), error ≤ |d| + 8 · |d − fp16(d)|.
 // Needs:      head_dim % 32 == 0.
-// Cost/step:  attend widens one page tile (d · (nibble − 8) → fp32, simd::dequantize_q4_0)
-//             into the caller's L1 scratch and reuses simd::dot_block / simd::axpy_block:
-//             scores and outputs are exact fp32 functions of the stored codes.
+// Cost/step:  scores: where the target has AVX-512 VNNI and head_dim % 64 == 0, ≤ 256
+//             (integer_scores), the nibbles are widened to int8 (simd::expand_q4_0) and each
+//             block's q·k runs in int32 times its d (simd::dot_s8_scaled), the query row
+//             rounded to int8 (score error ≤ (m_q/254)·Σ|k̂|). Values, and scores elsewhere or
+//             for observe's exact tiles: one page tile widened (d · (nibble − 8) → fp32,
+//             simd::dequantize_q4_0) into the caller's L1 scratch, then simd::dot_block /
+//             simd::axpy_block — exact fp32 functions of the stored codes.
 // Paper:      none; the format of ggml (Gerganov et al., github.com/ggml-org/ggml), used by
 //             llama.cpp's `--cache-type-k/v q4_0`.
 // Choices:    encoding follows ggml's reference `quantize_row_q4_0_ref` exactly (multiply by
@@ -29,7 +33,9 @@
 
 #include <kvc/core/element.hpp>
 #include <kvc/core/events.hpp>
+#include <kvc/quant/int8_fused.hpp>
 #include <kvc/quant/token_codec.hpp>
+#include <kvc/simd/bfp.hpp>
 #include <kvc/simd/int8.hpp>
 #include <kvc/simd/kernels.hpp>
 
@@ -80,6 +86,41 @@ struct Q4_0 : TokenCodec<Q4_0> {
       const unsigned high = code(static_cast<float>(x[j + block_values / 2]));
       block[2 + j] = static_cast<std::byte>(low | (high << 4));
     }
+  }
+
+  // Scores on the codes where the target has VNNI (simd::dot_s8_scaled): each block's
+  // (nibble − 8) · q̂ exact in int32 times the block's d, the query row rounded to int8.
+  // Values, and observe's exact tiles, take TokenCodec's exact fp32 path.
+  static constexpr bool integer_scores(std::size_t head_dim) noexcept {
+    return detail::int8_fused_fits(head_dim) && simd::dot_s8_scaled_fits(head_dim, block_values);
+  }
+
+  void score_tile(const ScoreTile& tile) const noexcept {
+    if (integer_scores(tile.head_dim) && !tile.exact) {
+      detail::int8_fused_block_scores(tile, layout(tile.head_dim));
+    } else {
+      TokenCodec<Q4_0>::score_tile(tile);
+    }
+  }
+
+  // A row for the integer score path (quant/int8_fused.hpp): a scale per 32-channel block,
+  // codes widened from nibbles by gather_codes; code(row, c) is channel c's.
+  struct Layout {
+    std::size_t stride, code_offset, chunk_stride, chunks_per_scale;
+    static float scale(const std::byte* row, std::size_t s) noexcept {
+      return simd::load_fp16(row + s * block_bytes);
+    }
+    static int code(const std::byte* row, std::size_t c) noexcept {
+      const auto byte = static_cast<int>(row[c / block_values * block_bytes + 2 + c % 16]);
+      return (c % block_values < 16 ? byte & 15 : byte >> 4) - 8;
+    }
+    static void gather_codes(const std::byte* row, std::size_t head_dim,
+                             std::int8_t* out) noexcept {
+      simd::expand_q4_0(row, out, head_dim);
+    }
+  };
+  static constexpr Layout layout(std::size_t head_dim) noexcept {
+    return {row_bytes(head_dim), 2, block_bytes, 1};
   }
 
  private:

@@ -9,6 +9,8 @@
 //   dequantize_int8(q, scale, out, n)   out[i] = scale · q[i]            (int8 codes)
 //   dequantize_q8_0(blocks, out, n)     n/32 ggml block_q8_0 → n floats  (n % 32 == 0)
 //   dequantize_q4_0(blocks, out, n)     n/32 ggml block_q4_0 → n floats  (n % 32 == 0)
+//   expand_q4_0(blocks, out, n)         n/32 ggml block_q4_0 → n int8 codes (nibble − 8),
+//                                       for the integer score path (simd::dot_s8_scaled)
 //   load_fp16 / store_fp16              the fp16 `d` of a ggml block, unaligned
 // Every kernel has a twin in kvc::simd::reference (same signature, plain C++) that tests
 // compare against. Paths: AVX-512F (16 lanes), AVX2 (8 lanes), scalar — chosen by the
@@ -75,6 +77,17 @@ inline void dequantize_q4_0(const std::byte* blocks, float* out, std::size_t n) 
   }
 }
 
+inline void expand_q4_0(const std::byte* blocks, std::int8_t* out, std::size_t n) noexcept {
+  for (std::size_t b = 0; b < n / 32; ++b) {
+    const std::byte* block = blocks + b * 18;
+    for (std::size_t j = 0; j < 16; ++j) {
+      const auto byte = static_cast<int>(block[2 + j]);
+      out[b * 32 + j] = static_cast<std::int8_t>((byte & 15) - 8);
+      out[b * 32 + j + 16] = static_cast<std::int8_t>((byte >> 4) - 8);
+    }
+  }
+}
+
 }  // namespace reference
 
 inline void dequantize_int8(const std::int8_t* q, float scale, float* out, std::size_t n) noexcept {
@@ -135,6 +148,22 @@ inline void dequantize_q4_0(const std::byte* blocks, float* out, std::size_t n) 
   }
 #else
   reference::dequantize_q4_0(blocks, out, n);
+#endif
+}
+
+inline void expand_q4_0(const std::byte* blocks, std::int8_t* out, std::size_t n) noexcept {
+#if defined(__SSE2__)
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i eight = _mm_set1_epi8(8);
+  for (std::size_t b = 0; b < n / 32; ++b) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + b * 18 + 2));
+    const __m128i low = _mm_sub_epi8(_mm_and_si128(bytes, mask), eight);
+    const __m128i high = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), eight);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * 32), low);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b * 32 + 16), high);
+  }
+#else
+  reference::expand_q4_0(blocks, out, n);
 #endif
 }
 
