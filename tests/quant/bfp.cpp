@@ -290,7 +290,7 @@ void check_integer_tiles(std::size_t d, std::size_t tokens, std::size_t rows, un
   std::vector<float> weights(sub);
   std::vector<std::uint8_t> weight_codes(sub);
   for (std::size_t r = 0; r < rows; ++r) {
-    std::vector<double> expected(d, 0.5), bound(d, 0.0), exact(d, 0.5), magnitude(d, 0.5);
+    std::vector<double> expected(d, 0.5), bound(d, 0.0);
     for (std::size_t t0 = 0; t0 < tokens; t0 += sub) {
       const std::size_t n = std::min(sub, tokens - t0);
       for (std::size_t block = 0; block < d / b; ++block) {
@@ -311,17 +311,7 @@ void check_integer_tiles(std::size_t d, std::size_t tokens, std::size_t rows, un
         }
       }
     }
-    for (std::size_t j = 0; j < tokens; ++j) {
-      for (std::size_t c = 0; c < d; ++c) {
-        exact[c] += double(p[r * tokens + j]) * values[j * d + c];
-        magnitude[c] += std::abs(double(p[r * tokens + j]) * values[j * d + c]);
-      }
-    }
-    for (std::size_t c = 0; c < d; ++c) {
-      const double got = acc[r * d + c];
-      REQUIRE(std::abs(got - expected[c]) <= 1e-5 * magnitude[c] + 1e-6);
-      REQUIRE(std::abs(got - exact[c]) <= bound[c] + 1e-5 * magnitude[c] + 1e-6);
-    }
+    kvc::test::require_value_row(p, r, tokens, d, values, expected, bound, acc);
   }
 }
 

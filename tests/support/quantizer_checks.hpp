@@ -48,6 +48,27 @@ int code_at(const Layout& layout, const std::byte* row, std::size_t c) {
           c % kvc::simd::int8_chunk]);
 }
 
+// Row r of an integer value tile (acc, started at 0.5) against `expected`, a float64
+// re-implementation of what it rounds, to fp32 rounding; and against float64 on the
+// decoded rows within `bound`, the rounding bound of its u8 weights.
+inline void require_value_row(const std::vector<float>& p, std::size_t r, std::size_t tokens,
+                              std::size_t d, const std::vector<float>& decoded_values,
+                              const std::vector<double>& expected, const std::vector<double>& bound,
+                              const std::vector<float>& acc) {
+  std::vector<double> exact(d, 0.5), magnitude(d, 0.5);
+  for (std::size_t j = 0; j < tokens; ++j) {
+    for (std::size_t c = 0; c < d; ++c) {
+      exact[c] += double(p[r * tokens + j]) * decoded_values[j * d + c];
+      magnitude[c] += std::abs(double(p[r * tokens + j]) * decoded_values[j * d + c]);
+    }
+  }
+  for (std::size_t c = 0; c < d; ++c) {
+    const double got = acc[r * d + c];
+    REQUIRE(std::abs(got - expected[c]) <= 1e-5 * magnitude[c] + 1e-6);
+    REQUIRE(std::abs(got - exact[c]) <= bound[c] + 1e-5 * magnitude[c] + 1e-6);
+  }
+}
+
 // The integer path's tiles against a float64 re-implementation of exactly what it rounds
 // (each query row to int8; per sub-tile of quant::detail::fused_tokens tokens, row and
 // scale, the weights p · scale to u8), to fp32 rounding; and against the exact fp32 path's
@@ -101,7 +122,7 @@ void check_integer_tiles(const std::vector<float>& queries, const std::vector<fl
     std::vector<float> weights(sub);
     std::vector<std::uint8_t> codes(sub);
     for (std::size_t r = 0; r < rows; ++r) {
-      std::vector<double> expected(d, 0.5), bound(d, 0.0), exact(d, 0.5), magnitude(d, 0.5);
+      std::vector<double> expected(d, 0.5), bound(d, 0.0);
       for (std::size_t t0 = 0; t0 < tokens; t0 += sub) {
         const std::size_t n = std::min(sub, tokens - t0);
         for (std::size_t s = 0; s < d / width; ++s) {
@@ -123,17 +144,7 @@ void check_integer_tiles(const std::vector<float>& queries, const std::vector<fl
           }
         }
       }
-      for (std::size_t j = 0; j < tokens; ++j) {
-        for (std::size_t c = 0; c < d; ++c) {
-          exact[c] += double(p[r * tokens + j]) * decoded_values[j * d + c];
-          magnitude[c] += std::abs(double(p[r * tokens + j]) * decoded_values[j * d + c]);
-        }
-      }
-      for (std::size_t c = 0; c < d; ++c) {
-        const double got = acc[r * d + c];
-        REQUIRE(std::abs(got - expected[c]) <= 1e-5 * magnitude[c] + 1e-6);
-        REQUIRE(std::abs(got - exact[c]) <= bound[c] + 1e-5 * magnitude[c] + 1e-6);
-      }
+      require_value_row(p, r, tokens, d, decoded_values, expected, bound, acc);
     }
   }
 }
