@@ -141,14 +141,6 @@ Tensor3 outlier_keys(std::mt19937& rng, std::size_t heads, std::size_t tokens) {
   return k;
 }
 
-// AsTheCacheCalls with B's integer-path flags, so that check_tile_kernels checks the exact
-// path (ScoreTile::exact) where B's attend takes the integer one.
-template <class B>
-struct Prepared : AsTheCacheCalls<B> {
-  static constexpr bool integer_scores(std::size_t d) { return B::integer_scores(d); }
-  static constexpr bool integer_values(std::size_t d) { return B::integer_values(d); }
-};
-
 // B with attend always on the exact fp32 path (what the integer path is measured against):
 // the checks that compare with a Dense<float> cache token for token need it.
 template <class B>
@@ -528,10 +520,11 @@ TEST_CASE("Bfp tiles with prepare_queries match float64 on decoded rows", "[bfp]
   std::mt19937 rng(3);
   check_tile_kernels(Bfp16x4{}, 128, 16, 4, 1);
   check_tile_kernels(Bfp32x8{}, 64, 13, 5, 2);
-  check_tile_kernels(Prepared<Bfp16x4>{{Bfp16x4(random_permutation(rng, 128))}}, 128, 16, 4, 3);
-  check_tile_kernels(Prepared<Bfp32x8>{{Bfp32x8(random_permutation(rng, 64))}}, 64, 13, 5, 4);
-  check_tile_kernels(Prepared<Bfp16x8>{{Bfp16x8(random_permutation(rng, 32))}}, 32, 7, 2, 5);
-  check_tile_kernels(Prepared<Bfp32x4>{{Bfp32x4(random_permutation(rng, 256))}}, 256, 9, 3, 6);
+  check_tile_kernels(AsTheCacheCalls<Bfp16x4>{Bfp16x4(random_permutation(rng, 128))}, 128, 16, 4,
+                     3);
+  check_tile_kernels(AsTheCacheCalls<Bfp32x8>{Bfp32x8(random_permutation(rng, 64))}, 64, 13, 5, 4);
+  check_tile_kernels(AsTheCacheCalls<Bfp16x8>{Bfp16x8(random_permutation(rng, 32))}, 32, 7, 2, 5);
+  check_tile_kernels(AsTheCacheCalls<Bfp32x4>{Bfp32x4(random_permutation(rng, 256))}, 256, 9, 3, 6);
 }
 
 TEST_CASE("Bfp in a KvCache: attend on codes matches float64 on the stored K/V", "[bfp]") {

@@ -365,8 +365,6 @@ class Bfp {
     const std::size_t d = tile.head_dim;
     const std::size_t count = blocks(d);
     const std::size_t stride = row_bytes(d);
-    std::array<std::int8_t, detail::fused_rows * max_d> query_codes;
-    std::array<float, detail::fused_rows> query_scales;
     std::array<float, sub*(max_d / BlockSize)> steps;
     // m = 4: the sub-tile's codes as int8 rows of d (sub · d bytes ≤ the scratch's floats).
     auto* expanded = reinterpret_cast<std::int8_t*>(tile.scratch);
@@ -388,19 +386,7 @@ class Bfp {
         codes = expanded;
         ldk = d;
       }
-      for (std::size_t r0 = 0; r0 < tile.rows; r0 += detail::fused_rows) {
-        const std::size_t block = std::min(detail::fused_rows, tile.rows - r0);
-        const auto [q_codes, q_scales] =
-            detail::query_codes_of(tile, r0, block, query_codes.data(), query_scales.data());
-        float* scores = tile.scores + r0 * tile.scores_stride + t0;
-        simd::dot_s8_scaled(q_codes, block, d, codes, tokens, ldk, steps.data(), BlockSize, count,
-                            scores, tile.scores_stride);
-        for (std::size_t r = 0; r < block; ++r) {
-          float* __restrict row_scores = scores + r * tile.scores_stride;
-          const float query_scale = q_scales[r];
-          for (std::size_t j = 0; j < tokens; ++j) row_scores[j] *= query_scale;
-        }
-      }
+      detail::block_scaled_scores(tile, t0, codes, tokens, ldk, steps.data(), BlockSize, count);
     }
   }
 

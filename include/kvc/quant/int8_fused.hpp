@@ -86,6 +86,30 @@ void int8_fused_scores(const ScoreTile& tile, const Layout& layout) noexcept {
   }
 }
 
+// Scores of tokens [t0, t0 + tokens) of the tile from their int8 code rows (`codes`, ldk
+// apart) and a scale per block of `block` channels (scales[j · blocks + b]), for every query
+// row: s[r][j] = sq_r · Σ_b scale_jb · Σ_{c in b} q̂[r][c]·k[j][c] (simd::dot_s8_scaled).
+inline void block_scaled_scores(const ScoreTile& tile, std::size_t t0, const std::int8_t* codes,
+                                std::size_t tokens, std::size_t ldk, const float* scales,
+                                std::size_t block, std::size_t blocks) noexcept {
+  const std::size_t d = tile.head_dim;
+  std::array<std::int8_t, fused_rows * fused_max_head_dim> query_codes;
+  std::array<float, fused_rows> query_scales;
+  for (std::size_t r0 = 0; r0 < tile.rows; r0 += fused_rows) {
+    const std::size_t count = std::min(fused_rows, tile.rows - r0);
+    const auto [q_codes, q_scales] =
+        query_codes_of(tile, r0, count, query_codes.data(), query_scales.data());
+    float* scores = tile.scores + r0 * tile.scores_stride + t0;
+    simd::dot_s8_scaled(q_codes, count, d, codes, tokens, ldk, scales, block, blocks, scores,
+                        tile.scores_stride);
+    for (std::size_t r = 0; r < count; ++r) {
+      float* __restrict row_scores = scores + r * tile.scores_stride;
+      const float query_scale = q_scales[r];
+      for (std::size_t j = 0; j < tokens; ++j) row_scores[j] *= query_scale;
+    }
+  }
+}
+
 // Formats with a scale per block of 32·k channels (Int8<32>, q8_0): each block's q·k exact
 // in int32 and scaled by the key's block scale in fp32 (simd::dot_s8_scaled), then by the
 // query row's scale. dot_s8_scaled wants each token's codes as one int8 row: a row whose
@@ -98,8 +122,6 @@ void int8_fused_block_scores(const ScoreTile& tile, const Layout& layout) noexce
   const std::size_t d = tile.head_dim;
   const std::size_t block = layout.chunks_per_scale * simd::int8_chunk;
   const std::size_t blocks = d / block;
-  std::array<std::int8_t, fused_rows * fused_max_head_dim> query_codes;
-  std::array<float, fused_rows> query_scales;
   std::array<float, fused_tokens * max_chunks> key_scales;  // [token][block]
   const bool contiguous = layout.chunk_stride == simd::int8_chunk;
   auto* gathered = reinterpret_cast<std::int8_t*>(tile.scratch);
@@ -131,19 +153,7 @@ void int8_fused_block_scores(const ScoreTile& tile, const Layout& layout) noexce
       codes = gathered;
       ldk = d;
     }
-    for (std::size_t r0 = 0; r0 < tile.rows; r0 += fused_rows) {
-      const std::size_t count = std::min(fused_rows, tile.rows - r0);
-      const auto [q_codes, q_scales] =
-          query_codes_of(tile, r0, count, query_codes.data(), query_scales.data());
-      float* scores = tile.scores + r0 * tile.scores_stride + t0;
-      simd::dot_s8_scaled(q_codes, count, d, codes, tokens, ldk, key_scales.data(), block, blocks,
-                          scores, tile.scores_stride);
-      for (std::size_t r = 0; r < count; ++r) {
-        float* __restrict row_scores = scores + r * tile.scores_stride;
-        const float query_scale = q_scales[r];
-        for (std::size_t j = 0; j < tokens; ++j) row_scores[j] *= query_scale;
-      }
-    }
+    block_scaled_scores(tile, t0, codes, tokens, ldk, key_scales.data(), block, blocks);
   }
 }
 
