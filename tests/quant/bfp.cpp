@@ -144,12 +144,8 @@ Tensor3 outlier_keys(std::mt19937& rng, std::size_t heads, std::size_t tokens) {
 // B with attend always on the exact fp32 path (what the integer path is measured against):
 // the checks that compare with a Dense<float> cache token for token need it.
 template <class B>
-struct ExactTiles : B {
-  using B::B;
-  void score_tile(kvc::ScoreTile tile) const noexcept {
-    tile.exact = true;
-    B::score_tile(tile);
-  }
+struct ExactTiles : kvc::test::ExactScores<B> {
+  using kvc::test::ExactScores<B>::ExactScores;
   void accumulate_tile(const kvc::AccumulateTile& tile) const noexcept {
     kvc::quant::detail::widened_accumulate_tile(tile, B::row_bytes(tile.head_dim), B::decode);
   }
