@@ -174,3 +174,44 @@ TEST_CASE("int8_dot: the extreme sums stay exact in int32", "[simd][int8_dot]") 
   kvc::simd::accumulate_u8s8(chunks, 1, 64, v.data(), 64, 32, 1, 32, acc.data(), 32);
   for (auto x : acc) CHECK(x == 64 * 255 * -128);
 }
+
+TEST_CASE("dot_planar equals its reference for 2- and 4-bit planar codes", "[simd][int8_dot]") {
+  std::mt19937 rng(9);
+  const auto check = [&]<unsigned Bits>(std::size_t d) {
+    for (std::size_t rows : {1, 2, 3, 4, 5, 9}) {
+      for (std::size_t tokens : {0, 1, 3, 4, 5, 13, 64}) {
+        const std::size_t ldk = d * Bits / 8 + 3;  // rows never aligned
+        const auto q = random_codes(rng, rows * d);
+        const auto bytes = random_codes(rng, tokens * ldk + 1);
+        const auto* k = reinterpret_cast<const std::uint8_t*>(bytes.data()) + 1;
+        std::vector<std::int32_t> got(rows * (tokens + 2), 77), want(rows * (tokens + 2), 77);
+        kvc::simd::dot_planar<Bits>(q.data(), rows, d, k, tokens, ldk, got.data(), tokens + 2);
+        kvc::simd::reference::dot_planar<Bits>(q.data(), rows, d, k, tokens, ldk, want.data(),
+                                               tokens + 2);
+        INFO("bits " << Bits << " d " << d << " rows " << rows << " tokens " << tokens);
+        CHECK(got == want);
+      }
+    }
+  };
+  // Whole 32-byte planes (the VNNI path where the target has it), and head dims that fall
+  // back to the reference (2-bit d = 64: 16-byte planes).
+  for (std::size_t d : {128, 256}) check.operator()<2>(d);
+  for (std::size_t d : {64, 128, 192, 256}) check.operator()<4>(d);
+  check.operator()<2>(64);
+  CHECK(kvc::simd::dot_planar_fits<2>(128) == kvc::simd::has_int8_dot);
+  CHECK(!kvc::simd::dot_planar_fits<2>(64));
+}
+
+TEST_CASE("dot_planar reference reads Kivi's planar layout (hand-built)", "[simd][int8_dot]") {
+  // 2 bits, d = 128: byte i holds channels i, 32 + i, 64 + i, 96 + i (low bits first).
+  std::vector<std::uint8_t> k(32, 0);
+  k[5] = 0b11'10'01'00;  // channel 5: 0, 37: 1, 69: 2, 101: 3
+  std::vector<std::int8_t> q(128, 0);
+  q[5] = 100;
+  q[37] = 7;
+  q[69] = -3;
+  q[101] = 2;
+  std::int32_t dot = 0;
+  kvc::simd::reference::dot_planar<2>(q.data(), 1, 128, k.data(), 1, 32, &dot, 1);
+  CHECK(dot == 0 * 100 + 1 * 7 + 2 * -3 + 3 * 2);
+}

@@ -34,8 +34,10 @@
 //             the caller's L1 scratch. The full-precision tail runs through plain fp32
 //             kernels in the same online softmax ("quantized part + full-precision part in
 //             one softmax"). Where the target has AVX-512 VNNI (simd::has_int8_dot, d ≤ 256,
-//             d and Group multiples of 32, Bits < 8: the codes must fit int8) the codes are widened
-//             to int8 instead and both products run on simd/int8_dot.hpp's integer kernels,
+//             d and Group multiples of 32, Bits < 8: the codes must fit int8) both products
+//             run on simd/int8_dot.hpp's integer kernels — the key codes straight from their
+//             planar bytes (simd::dot_planar, where each plane is whole 32-byte chunks), the
+//             value codes widened to int8 —
 //             rounding what Int8<32>'s path rounds: each row q∘s to int8 (per row scale), each
 //             tile's weights p·s to u8; the m terms (q·m, Σ p·m) stay fp32. Tiles that ask for
 //             exact scores (observe) and other targets take the fp32 path, an exact function of the
@@ -356,7 +358,10 @@ struct Kivi {
   static void integer_scores(const ScoreTile& tile, const float* weighted,
                              std::int8_t* codes8) noexcept {
     const std::size_t d = tile.head_dim;
-    for (std::size_t j = 0; j < tile.tokens; ++j) {
+    // Planar codes go straight into vpdpbusd (simd::dot_planar: shifted and masked in
+    // registers); elsewhere they are widened to int8 rows first.
+    const bool planar = simd::dot_planar_fits<Bits>(d);
+    for (std::size_t j = 0; j < tile.tokens && !planar; ++j) {
       Codes::widen(tile.key_codes + j * Codes::packed_bytes(d), d, codes8 + j * d);
     }
     std::array<std::int8_t, detail::fused_rows * detail::fused_max_head_dim> row_codes;
@@ -367,8 +372,14 @@ struct Kivi {
       simd::quantize_rows_s8(weighted + r0 * d, block, d, d, row_codes.data(), row_scales.data());
       for (std::size_t t0 = 0; t0 < tile.tokens; t0 += detail::fused_tokens) {
         const std::size_t tokens = std::min(detail::fused_tokens, tile.tokens - t0);
-        simd::dot_s8(row_codes.data(), block, d, codes8 + t0 * d, tokens, d, dots.data(),
-                     detail::fused_tokens);
+        if (planar) {
+          const auto* packed = reinterpret_cast<const std::uint8_t*>(tile.key_codes);
+          simd::dot_planar<Bits>(row_codes.data(), block, d, packed + t0 * Codes::packed_bytes(d),
+                                 tokens, Codes::packed_bytes(d), dots.data(), detail::fused_tokens);
+        } else {
+          simd::dot_s8(row_codes.data(), block, d, codes8 + t0 * d, tokens, d, dots.data(),
+                       detail::fused_tokens);
+        }
         for (std::size_t r = 0; r < block; ++r) {
           float* __restrict scores = tile.scores + (r0 + r) * tile.scores_stride + t0;
           const std::int32_t* __restrict dot = dots.data() + r * detail::fused_tokens;

@@ -27,6 +27,11 @@
 //       for b < chunks, c < 32: the channels come in chunks of 32 (a q8_0 block, or 32
 //       consecutive int8 codes) and each chunk has its own weight rows w[b] (a chunk's value
 //       scale is folded into its weights).
+//   dot_planar<Bits>(q, rows, d, k, tokens, ldk, dots, ldo)   (Bits 2 or 4)
+//       dots[r·ldo + j] = Σ_c q[r·d + c] · code_j(c), the codes packed planar (quant::Kivi):
+//       channel c of token j is bits [(c / S)·Bits, +Bits) of byte k[j·ldk + c % S],
+//       S = d·Bits/8. Shifted and masked in registers, each 32 bytes of a token give 32
+//       consecutive channels as u8, straight into vpdpbusd: no widening, no sign bias.
 // Paths: AVX-512 VNNI + VL (256-bit vpdpbusd on 32-channel chunks; 32 registers hold a 4-row
 // × 4-token block) where the target has them (`has_int8_dot`), the references otherwise.
 // The quantizers use these kernels only where has_int8_dot is true; elsewhere they keep their
@@ -99,6 +104,24 @@ inline void dot_s8(const std::int8_t* q, std::size_t rows, std::size_t d, const 
     for (std::size_t j = 0; j < tokens; ++j) {
       std::int32_t sum = 0;
       for (std::size_t c = 0; c < d; ++c) sum += std::int32_t{q[r * d + c]} * k[j * ldk + c];
+      dots[r * ldo + j] = sum;
+    }
+  }
+}
+
+template <unsigned Bits>
+inline void dot_planar(const std::int8_t* q, std::size_t rows, std::size_t d, const std::uint8_t* k,
+                       std::size_t tokens, std::size_t ldk, std::int32_t* dots,
+                       std::size_t ldo) noexcept {
+  const std::size_t stride = d * Bits / 8;
+  for (std::size_t r = 0; r < rows; ++r) {
+    for (std::size_t j = 0; j < tokens; ++j) {
+      std::int32_t sum = 0;
+      for (std::size_t c = 0; c < d; ++c) {
+        const unsigned code =
+            (unsigned{k[j * ldk + c % stride]} >> (c / stride * Bits)) & ((1U << Bits) - 1U);
+        sum += std::int32_t{q[r * d + c]} * static_cast<std::int32_t>(code);
+      }
       dots[r * ldo + j] = sum;
     }
   }
@@ -336,8 +359,98 @@ inline void accumulate_chunks(const std::uint8_t* w0, const std::uint8_t* w1, st
   });
 }
 
+// Rows query rows × Tokens tokens of planar Bits-bit codes (dot_planar): per 32 bytes of
+// each token's codes, every plane k gives channels [k·S + i, +32) as u8 by a 16-bit shift
+// and a byte mask (a code never crosses its byte, so the bits shifted in from the next byte
+// land above the mask). 16 accumulators, 4 raw and 4 code vectors and a query: 25 of the 32
+// registers.
+template <unsigned Bits, std::size_t Rows, std::size_t Tokens>
+inline void dot_planar_block(const std::int8_t* q, std::size_t d, const std::uint8_t* k,
+                             std::size_t ldk, std::int32_t* dots, std::size_t ldo) noexcept {
+  constexpr unsigned planes = 8 / Bits;
+  const std::size_t stride = d * Bits / 8;
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1U << Bits) - 1U));
+  __m256i acc[Rows][Tokens];
+  unroll<Tokens>([&](auto t) KVC_SIMD_ALWAYS_INLINE {
+    unroll<Rows>([&](auto r) KVC_SIMD_ALWAYS_INLINE { acc[r][t] = _mm256_setzero_si256(); });
+  });
+  for (std::size_t i = 0; i < stride; i += int8_chunk) {
+    __m256i raw[Tokens];
+    unroll<Tokens>([&](auto t) KVC_SIMD_ALWAYS_INLINE {
+      raw[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + t * ldk + i));
+    });
+    unroll<planes>([&](auto plane) KVC_SIMD_ALWAYS_INLINE {
+      __m256i code[Tokens];
+      unroll<Tokens>([&](auto t) KVC_SIMD_ALWAYS_INLINE {
+        code[t] = _mm256_and_si256(_mm256_srli_epi16(raw[t], plane * Bits), mask);
+      });
+      unroll<Rows>([&](auto r) KVC_SIMD_ALWAYS_INLINE {
+        const __m256i query =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * d + plane * stride + i));
+        unroll<Tokens>([&](auto t) KVC_SIMD_ALWAYS_INLINE {
+          acc[r][t] = _mm256_dpbusd_epi32(acc[r][t], code[t], query);
+        });
+      });
+    });
+  }
+  unroll<Rows>([&](auto r) KVC_SIMD_ALWAYS_INLINE {
+    if constexpr (Tokens == 4) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dots + r * ldo),
+                       reduce_add_4_epi32(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+    } else {
+      unroll<Tokens>([&](auto t) KVC_SIMD_ALWAYS_INLINE {
+        const __m256i x = acc[r][t];
+        const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+        const __m128i h2 = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+        dots[r * ldo + t] = _mm_cvtsi128_si32(_mm_add_epi32(h2, _mm_shuffle_epi32(h2, 0xB1)));
+      });
+    }
+  });
+}
+
+template <unsigned Bits, std::size_t Rows>
+inline void dot_planar_rows(const std::int8_t* q, std::size_t d, const std::uint8_t* k,
+                            std::size_t tokens, std::size_t ldk, std::int32_t* dots,
+                            std::size_t ldo) noexcept {
+  std::size_t j = 0;
+  for (; j + 4 <= tokens; j += 4) {
+    dot_planar_block<Bits, Rows, 4>(q, d, k + j * ldk, ldk, dots + j, ldo);
+  }
+  for (; j < tokens; ++j) dot_planar_block<Bits, Rows, 1>(q, d, k + j * ldk, ldk, dots + j, ldo);
+}
+
 }  // namespace detail
 #endif
+
+// Whether dot_planar<Bits> runs on VNNI at this head_dim (each plane whole 32-byte chunks).
+template <unsigned Bits>
+constexpr bool dot_planar_fits(std::size_t d) noexcept {
+  return has_int8_dot && (Bits == 2 || Bits == 4) && d * Bits / 8 % int8_chunk == 0 &&
+         d * Bits % 8 == 0;
+}
+
+template <unsigned Bits>
+inline void dot_planar(const std::int8_t* q, std::size_t rows, std::size_t d, const std::uint8_t* k,
+                       std::size_t tokens, std::size_t ldk, std::int32_t* dots,
+                       std::size_t ldo) noexcept {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+  if (dot_planar_fits<Bits>(d)) {
+    std::size_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      detail::dot_planar_rows<Bits, 4>(q + r * d, d, k, tokens, ldk, dots + r * ldo, ldo);
+    }
+    const std::size_t left = rows - r;
+    if (left == 3)
+      detail::dot_planar_rows<Bits, 3>(q + r * d, d, k, tokens, ldk, dots + r * ldo, ldo);
+    if (left == 2)
+      detail::dot_planar_rows<Bits, 2>(q + r * d, d, k, tokens, ldk, dots + r * ldo, ldo);
+    if (left == 1)
+      detail::dot_planar_rows<Bits, 1>(q + r * d, d, k, tokens, ldk, dots + r * ldo, ldo);
+    return;
+  }
+#endif
+  reference::dot_planar<Bits>(q, rows, d, k, tokens, ldk, dots, ldo);
+}
 
 inline void quantize_rows_s8(const float* x, std::size_t rows, std::size_t ldx, std::size_t d,
                              std::int8_t* codes, float* scales) noexcept {
