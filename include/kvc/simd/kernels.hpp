@@ -7,7 +7,7 @@
 //   exp_shift_sum(x, n, shift) x[i] = exp(x[i] − shift) in place, returns Σ x[i]
 //   dot_block(...)             scores[r][j] = q_r · k_j          (GQA: all rows × a key tile)
 //   axpy_block(...)            acc[r][c] += Σ_j p[r][j]·v[j][c]  (GQA: all rows × a value tile)
-// plus convert / load_as_float (kvc/simd/convert.hpp) and prefetch.
+// plus convert / load_as_float (kvc/simd/convert.hpp) and PrefetchStream (attend's reads).
 //
 // Each kernel has a scalar twin of the same signature in kvc/simd/reference.hpp that defines
 // what it computes; tests compare the two. The arch is the first template parameter,
@@ -52,20 +52,12 @@ constexpr const char* arch_name() noexcept {
   return Arch::name();
 }
 
-// Asks the cache hierarchy for [pointer, pointer + bytes) ahead of use. Pages of a head are
-// not contiguous, and the hardware stream prefetcher stops at every 4 KiB boundary, so
-// attend prefetches the next page itself.
-inline void prefetch(const void* pointer, std::size_t bytes) noexcept {
-  const auto* first = static_cast<const char*>(pointer);
-  for (std::size_t offset = 0; offset < bytes; offset += 64)
-    __builtin_prefetch(first + offset, 0, 3);
-}
-
 // A software pipeline for reads from DRAM: the byte ranges a loop will read, in the order
-// it reads them, prefetched a fixed distance ahead of use. After consuming n bytes the loop
-// calls pump(n), which prefetches the next n bytes of the stream, so about `distance` bytes
-// stay in flight. Prefetching a whole page at once instead issues hundreds of prefetches
-// in a burst: the core stalls on full miss buffers while DRAM works, then computes while
+// it reads them, prefetched a fixed distance ahead of use (a head's pages are not
+// contiguous, and the hardware stream prefetcher stops at every 4 KiB boundary). After consuming n
+// bytes the loop calls pump(n), which prefetches the next n bytes of the stream, so about
+// `distance` bytes stay in flight. Prefetching a whole page at once instead issues hundreds of
+// prefetches in a burst: the core stalls on full miss buffers while DRAM works, then computes while
 // DRAM idles; interleaved, the two overlap.
 class PrefetchStream {
  public:
