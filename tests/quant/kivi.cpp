@@ -17,6 +17,7 @@
 #include "../support/reference.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -562,4 +563,59 @@ TEST_CASE("kivi: the byte unpacking of the integer path equals the float one", "
   check(kvc::quant::detail::AsymmetricCodes<2>{});
   check(kvc::quant::detail::AsymmetricCodes<4>{});
   check(kvc::quant::detail::AsymmetricCodes<8>{});
+}
+
+TEST_CASE("kivi: encode packs each channel's code where get finds it, at any head_dim",
+          "[quant][kivi]") {
+  const auto check = [](auto codes_of_bits) {
+    using Codes = decltype(codes_of_bits);
+    // 2048 channels: planes of 512 (2-bit) / 1024 (4-bit) bytes, wider than encode's
+    // 256-byte pieces.
+    for (const std::size_t channels : {std::size_t{32}, std::size_t{128}, std::size_t{2048}}) {
+      const auto code_of = [](std::size_t c) {
+        return static_cast<unsigned>((c * 7 + c / 5) % (Codes::levels + 1));
+      };
+      std::vector<std::byte> packed(Codes::packed_bytes(channels), std::byte{0xff});
+      Codes::encode(channels, packed.data(),
+                    [&](std::size_t first, std::size_t count, std::uint8_t* q) {
+                      REQUIRE(count <= 256);
+                      // A piece never crosses a plane: planar packing needs whole planes.
+                      const std::size_t plane = channels / Codes::per_byte;
+                      REQUIRE(first / plane == (first + count - 1) / plane);
+                      for (std::size_t j = 0; j < count; ++j) {
+                        q[j] = static_cast<std::uint8_t>(code_of(first + j));
+                      }
+                    });
+      for (std::size_t c = 0; c < channels; ++c) {
+        INFO("channels " << channels << ", channel " << c);
+        REQUIRE(Codes::get(packed.data(), c, channels) == code_of(c));
+      }
+    }
+  };
+  check(kvc::quant::detail::AsymmetricCodes<2>{});
+  check(kvc::quant::detail::AsymmetricCodes<4>{});
+  check(kvc::quant::detail::AsymmetricCodes<8>{});
+}
+
+TEST_CASE("kivi: fp16_at_most / fp16_at_least equal their portable references bit for bit",
+          "[quant][kivi]") {
+  using namespace kvc::quant::detail;
+  std::mt19937 rng(12);
+  std::uniform_int_distribution<std::uint32_t> bits;
+  std::vector<float> values = {0.0F,      -0.0F,    1e-30F, -1e-30F, 5.96e-8F, -5.96e-8F, 65504.0F,
+                               -65504.0F, 65519.0F, 1.0F,   -1.0F,   0.1F,     -0.1F};
+  for (int i = 0; i < 200000; ++i) {
+    const float v = std::bit_cast<float>(bits(rng));
+    if (std::isfinite(v) && std::abs(v) <= 65504.0F) values.push_back(v);
+  }
+  for (const float v : values) {
+    INFO("value " << v);
+    REQUIRE(fp16_at_most(v) == fp16_at_most_reference(v));
+    // Its defining property: an fp16 ≤ v whose next fp16 up is > v.
+    REQUIRE(fp16_value(fp16_at_most(v)) <= v);
+    if (v >= 0.0F) {
+      REQUIRE(fp16_at_least(v) == fp16_at_least_reference(v));
+      REQUIRE(fp16_value(fp16_at_least(v)) >= v);
+    }
+  }
 }

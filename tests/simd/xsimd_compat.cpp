@@ -3,12 +3,13 @@
 
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <type_traits>
 #include <vector>
 
-TEST_CASE("reduce_add and reduce_max over one batch", "[simd][compat]") {
+TEST_CASE("reduce_add, reduce_max and reduce_min over one batch", "[simd][compat]") {
   using batch = xsimd::batch<float>;
   std::vector<float> lanes(batch::size);
   for (std::size_t i = 0; i < batch::size; ++i) lanes[i] = static_cast<float>(i) - 2.0F;
@@ -19,6 +20,11 @@ TEST_CASE("reduce_add and reduce_max over one batch", "[simd][compat]") {
   CHECK(kvc::simd::detail::reduce_max(x) == lanes.back());
   lanes[0] = 1e9F;  // the maximum in the first lane too
   CHECK(kvc::simd::detail::reduce_max(batch::load_unaligned(lanes.data())) == 1e9F);
+  CHECK(kvc::simd::detail::reduce_min(x) == -2.0F);
+  lanes.back() = -1e9F;  // the minimum in the last lane
+  CHECK(kvc::simd::detail::reduce_min(batch::load_unaligned(lanes.data())) == -1e9F);
+  // +0 stays +0 (not −reduce_max(−x), which xsimd 8 turns into −0).
+  CHECK_FALSE(std::signbit(kvc::simd::detail::reduce_min(batch(0.0F))));
 }
 
 TEST_CASE("bitcast reinterprets lane bits both ways", "[simd][compat]") {

@@ -80,6 +80,7 @@
 #include <kvc/simd/int8.hpp>
 #include <kvc/simd/int8_dot.hpp>
 #include <kvc/simd/kernels.hpp>
+#include <kvc/simd/quantize.hpp>
 
 #include <algorithm>
 #include <array>
@@ -199,13 +200,6 @@ class Bfp {
   static constexpr float step(int exponent) noexcept {
     return power_of_two(exponent - static_cast<int>(MantissaBits) + 2);
   }
-  // q = clamp(round(x / step), ±max_code); NaN → −max_code.
-  static int quantize(float x, float block_step) noexcept {
-    const float q = std::nearbyint(x / block_step);
-    return static_cast<int>(
-        std::fmin(std::fmax(q, -static_cast<float>(max_code)), static_cast<float>(max_code)));
-  }
-
   template <Element S>
   void encode_key(const S* source, std::size_t head_dim, std::byte* codes) const {
     if (permutation_.empty()) {
@@ -419,24 +413,22 @@ class Bfp {
                           Channel channel) noexcept {
     std::byte* mantissas = codes + blocks(head_dim);
     std::array<float, BlockSize> x;
+    std::array<std::int8_t, BlockSize> q;
     for (std::size_t block = 0; block < blocks(head_dim); ++block) {
-      float amax = 0.0F;
       for (std::size_t j = 0; j < BlockSize; ++j) {
         x[j] = static_cast<float>(source[channel(block * BlockSize + j)]);
-        amax = std::fmax(amax, std::abs(x[j]));  // fmax: a NaN does not enter the max
       }
-      const int exponent = block_exponent(amax);
+      const int exponent = block_exponent(simd::max_abs(x.data(), BlockSize));  // NaN ignored
       codes[block] = static_cast<std::byte>(exponent + exponent_bias);
-      const float block_step = step(exponent);
-      if constexpr (MantissaBits == 8) {
-        for (std::size_t j = 0; j < BlockSize; ++j) {
-          mantissas[block * BlockSize + j] =
-              static_cast<std::byte>(static_cast<std::uint8_t>(quantize(x[j], block_step)));
-        }
-      } else {
+      // q = clamp(round(x / step), ±max_code) (ties to even); NaN → −max_code.
+      simd::quantize_div(x.data(), BlockSize, step(exponent), static_cast<float>(max_code),
+                         MantissaBits == 8
+                             ? reinterpret_cast<std::int8_t*>(mantissas + block * BlockSize)
+                             : q.data());
+      if constexpr (MantissaBits == 4) {
         for (std::size_t j = 0; j < BlockSize / 2; ++j) {
-          const auto low = static_cast<unsigned>(quantize(x[2 * j], block_step)) & 15U;
-          const auto high = static_cast<unsigned>(quantize(x[2 * j + 1], block_step)) & 15U;
+          const auto low = static_cast<unsigned>(q[2 * j]) & 15U;
+          const auto high = static_cast<unsigned>(q[2 * j + 1]) & 15U;
           mantissas[block * (BlockSize / 2) + j] = static_cast<std::byte>(low | (high << 4));
         }
       }

@@ -39,6 +39,7 @@
 #include <kvc/quant/token_codec.hpp>
 #include <kvc/simd/int8.hpp>
 #include <kvc/simd/kernels.hpp>
+#include <kvc/simd/quantize.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -83,13 +84,6 @@ struct Int8 : TokenCodec<Int8<Group>> {
   }
   constexpr bool supports_head_dim(std::size_t head_dim) const noexcept {
     return head_dim > 0 && (Group == 0 || head_dim % Group == 0);
-  }
-
-  // q = round(x / scale) (ties to even), clamped to ±127; 0 when scale is 0.
-  static std::int8_t quantize(float x, float scale) noexcept {
-    if (!(scale > 0.0F)) return 0;
-    const float q = std::fmin(std::fmax(std::nearbyint(x / scale), -127.0F), 127.0F);
-    return static_cast<std::int8_t>(q);
   }
 
   // Whether attend takes the integer path (kvc/simd/int8_dot.hpp: VNNI on the codes) for
@@ -152,13 +146,14 @@ struct Int8 : TokenCodec<Int8<Group>> {
     auto* q = reinterpret_cast<std::int8_t*>(codes + sizeof(float) * count);
     for (std::size_t g = 0; g < count; ++g) {
       const S* x = source + g * size;
-      float amax = 0.0F;
-      for (std::size_t c = 0; c < size; ++c)
-        amax = std::max(amax, std::abs(static_cast<float>(x[c])));
-      const float scale = amax / 127.0F;
+      const float scale = simd::max_abs(x, size) / 127.0F;
       std::memcpy(codes + sizeof(float) * g, &scale, sizeof scale);
-      for (std::size_t c = 0; c < size; ++c)
-        q[g * size + c] = quantize(static_cast<float>(x[c]), scale);
+      if (scale > 0.0F) {
+        // q = round(x / scale) (ties to even), clamped to ±127; all 0 when the group is.
+        simd::quantize_div(x, size, scale, 127.0F, q + g * size);
+      } else {
+        std::memset(q + g * size, 0, size);
+      }
     }
   }
 

@@ -60,6 +60,7 @@
 #include <kvc/simd/int8.hpp>
 #include <kvc/simd/int8_dot.hpp>
 #include <kvc/simd/kernels.hpp>
+#include <kvc/simd/quantize.hpp>
 
 #include <Eigen/Core>
 
@@ -81,10 +82,14 @@ inline std::uint16_t fp16_bits(float value) noexcept {
   return Eigen::numext::bit_cast<std::uint16_t>(Eigen::half(value));
 }
 inline float fp16_value(std::uint16_t bits) noexcept {
+#if defined(__F16C__)
+  return _cvtsh_ss(bits);  // exact, as Eigen's software widening
+#else
   return static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(bits));
+#endif
 }
-// The largest fp16 ≤ value (value finite, ≥ −65504).
-inline std::uint16_t fp16_at_most(float value) noexcept {
+// The largest fp16 ≤ value (value finite, ≥ −65504): from the nearest one, portably.
+inline std::uint16_t fp16_at_most_reference(float value) noexcept {
   std::uint16_t bits = fp16_bits(value);
   if (fp16_value(bits) > value) {
     if (bits == 0x0000U) return 0x8001U;                                  // +0 → −denormal
@@ -93,8 +98,8 @@ inline std::uint16_t fp16_at_most(float value) noexcept {
   }
   return bits;
 }
-// The smallest fp16 ≥ value (value finite, ≥ 0, ≤ 65504).
-inline std::uint16_t fp16_at_least(float value) noexcept {
+// The smallest fp16 ≥ value (value finite, ≥ 0, ≤ 65504): from the nearest one, portably.
+inline std::uint16_t fp16_at_least_reference(float value) noexcept {
   std::uint16_t bits = fp16_bits(value);
   if (fp16_value(bits) < value) {
     bits = (bits & 0x8000U) != 0
@@ -102,6 +107,22 @@ inline std::uint16_t fp16_at_least(float value) noexcept {
                : static_cast<std::uint16_t>(bits + 1);
   }
   return bits;
+}
+// The same with F16C: one vcvtps2ph rounding toward −∞ / +∞ (Eigen converts in software,
+// which was a visible part of Kivi's append). Equal bit for bit on the domains above.
+inline std::uint16_t fp16_at_most(float value) noexcept {
+#if defined(__F16C__)
+  return static_cast<std::uint16_t>(_cvtss_sh(value, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+#else
+  return fp16_at_most_reference(value);
+#endif
+}
+inline std::uint16_t fp16_at_least(float value) noexcept {
+#if defined(__F16C__)
+  return static_cast<std::uint16_t>(_cvtss_sh(value, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+#else
+  return fp16_at_least_reference(value);
+#endif
 }
 
 // Asymmetric codes of Bits bits, packed (8 / Bits) per byte, channel c at bit (c mod per) · Bits.
@@ -123,21 +144,39 @@ struct AsymmetricCodes {
     scale_bits = fp16_at_least(std::max(span, 0.0F) / static_cast<float>(levels));
   }
 
-  static unsigned code(float x, float m, float s) noexcept {
-    if (!(s > 0.0F)) return 0;
-    const float q = std::nearbyint((x - m) / s);
-    return static_cast<unsigned>(std::clamp(q, 0.0F, static_cast<float>(levels)));
-  }
-
   // Channel c of a row of `channels` codes (planar: see the format).
   static unsigned get(const std::byte* codes, std::size_t c, std::size_t channels) noexcept {
     const std::size_t stride = channels / per_byte;
     const auto byte = std::to_integer<unsigned>(codes[c % stride]);
     return (byte >> ((c / stride) * Bits)) & levels;
   }
-  static void put(std::byte* codes, std::size_t c, std::size_t channels, unsigned q) noexcept {
+
+  // One row's codes, packed planar: quantize(c0, count, q) writes the u8 codes of channels
+  // c0 .. c0 + count − 1 (count ≤ 256, all within one plane) to q. Byte j of the row is
+  // Σ_k q[k·n + j] << (k·Bits), n = channels / per_byte: a plane at a time, in pieces that
+  // fit a 256-byte scratch whatever the head_dim, in contiguous passes the compiler
+  // vectorizes.
+  template <class Quantize>
+  static void encode(std::size_t channels, std::byte* codes, Quantize quantize) noexcept {
+    constexpr std::size_t piece = 256;
     const std::size_t stride = channels / per_byte;
-    codes[c % stride] |= static_cast<std::byte>(q << ((c / stride) * Bits));
+    auto* bytes = reinterpret_cast<std::uint8_t*>(codes);
+    std::array<std::uint8_t, piece> q;
+    for (std::size_t k = 0; k < per_byte; ++k) {
+      const unsigned shift = static_cast<unsigned>(k) * Bits;
+      for (std::size_t first = 0; first < stride; first += piece) {
+        const std::size_t count = std::min(piece, stride - first);
+        quantize(k * stride + first, count, q.data());
+        std::uint8_t* out = bytes + first;
+        if (k == 0) {
+          std::memcpy(out, q.data(), count);
+        } else {
+          for (std::size_t j = 0; j < count; ++j) {
+            out[j] = static_cast<std::uint8_t>(out[j] | (q[j] << shift));
+          }
+        }
+      }
+    }
   }
 
   // out[c] = code of channel c, as T (float, or int8 for the integer kernels): per_byte
@@ -222,18 +261,20 @@ struct Kivi {
   void encode_key_group(const float* rows, std::size_t count, std::size_t head_dim,
                         std::byte* params, std::byte* codes) const noexcept {
     const std::size_t d = head_dim;
-    for (std::size_t c = 0; c < d; ++c) {
-      float lo = rows[c];
-      float hi = rows[c];
-      for (std::size_t t = 1; t < count; ++t) {
-        lo = std::min(lo, rows[t * d + c]);
-        hi = std::max(hi, rows[t * d + c]);
+    // Each channel's range over the group, 64 channels at a time (a stack piece whatever d).
+    constexpr std::size_t piece = 64;
+    std::array<float, piece> lo;
+    std::array<float, piece> hi;
+    for (std::size_t first = 0; first < d; first += piece) {
+      const std::size_t n = std::min(piece, d - first);
+      simd::column_min_max(rows + first, count, d, n, lo.data(), hi.data());
+      for (std::size_t j = 0; j < n; ++j) {
+        std::uint16_t min_bits = 0;
+        std::uint16_t scale_bits = 0;
+        Codes::params(lo[j], hi[j], min_bits, scale_bits);
+        std::memcpy(params + 2 * (first + j), &min_bits, 2);
+        std::memcpy(params + 2 * (d + first + j), &scale_bits, 2);
       }
-      std::uint16_t min_bits = 0;
-      std::uint16_t scale_bits = 0;
-      Codes::params(lo, hi, min_bits, scale_bits);
-      std::memcpy(params + 2 * c, &min_bits, 2);
-      std::memcpy(params + 2 * (d + c), &scale_bits, 2);
     }
     for (std::size_t t = 0; t < count; ++t) {
       encode_key(rows + t * d, d, params, codes + t * key_bytes(d));
@@ -243,12 +284,13 @@ struct Kivi {
   // One key row into the codes of an existing group (its range clamps what does not fit).
   void encode_key(const float* row, std::size_t head_dim, const std::byte* params,
                   std::byte* codes) const noexcept {
-    std::memset(codes, 0, key_bytes(head_dim));
-    for (std::size_t c = 0; c < head_dim; ++c) {
-      Codes::put(codes, c, head_dim,
-                 Codes::code(row[c], simd::load_fp16(params + 2 * c),
-                             simd::load_fp16(params + 2 * (head_dim + c))));
-    }
+    // q_c = clamp(nearbyint((x_c − m_c) / s_c), 0, L), 0 where s_c = 0 (a constant channel).
+    const auto* minimum = reinterpret_cast<const Eigen::half*>(params);
+    const Eigen::half* scale = minimum + head_dim;
+    Codes::encode(head_dim, codes, [&](std::size_t first, std::size_t count, std::uint8_t* q) {
+      simd::quantize_affine(row + first, count, minimum + first, scale + first,
+                            static_cast<float>(Codes::levels), q);
+    });
   }
 
   void decode_key(const std::byte* codes, std::size_t head_dim, const std::byte* params,
@@ -298,26 +340,34 @@ struct Kivi {
 
   template <Element S>
   void encode_value(const S* row, std::size_t head_dim, std::byte* codes) const noexcept {
-    std::byte* packed = codes + value_param_bytes(head_dim);
-    std::memset(packed, 0, Codes::packed_bytes(head_dim));
     for (std::size_t g = 0; g < head_dim / Group; ++g) {
-      float lo = static_cast<float>(row[g * Group]);
-      float hi = lo;
-      for (std::size_t c = g * Group; c < (g + 1) * Group; ++c) {
-        lo = std::min(lo, static_cast<float>(row[c]));
-        hi = std::max(hi, static_cast<float>(row[c]));
-      }
+      const auto [lo, hi] = simd::min_max(row + g * Group, Group);
       std::uint16_t min_bits = 0;
       std::uint16_t scale_bits = 0;
       Codes::params(lo, hi, min_bits, scale_bits);
       std::memcpy(codes + 4 * g, &min_bits, 2);
       std::memcpy(codes + 4 * g + 2, &scale_bits, 2);
-      const float m = detail::fp16_value(min_bits);
-      const float s = detail::fp16_value(scale_bits);
-      for (std::size_t c = g * Group; c < (g + 1) * Group; ++c) {
-        Codes::put(packed, c, head_dim, Codes::code(static_cast<float>(row[c]), m, s));
-      }
     }
+    // Each run of channels within one group takes that group's (m̂, ŝ).
+    Codes::encode(head_dim, codes + value_param_bytes(head_dim),
+                  [&](std::size_t first, std::size_t count, std::uint8_t* q) {
+                    for (std::size_t c = first; c < first + count;) {
+                      const std::size_t g = c / Group;
+                      const std::size_t end = std::min(first + count, (g + 1) * Group);
+                      const float m = simd::load_fp16(codes + 4 * g);
+                      const float s = simd::load_fp16(codes + 4 * g + 2);
+                      constexpr auto levels = static_cast<float>(Codes::levels);
+                      if constexpr (Group < xsimd::batch<float, simd::default_arch>::size) {
+                        // A group narrower than a vector: the vector loop is dead code, and
+                        // GCC's -Warray-bounds would flag its loads from a short row.
+                        simd::reference::quantize_affine(row + c, end - c, m, s, levels,
+                                                         q + (c - first));
+                      } else {
+                        simd::quantize_affine(row + c, end - c, m, s, levels, q + (c - first));
+                      }
+                      c = end;
+                    }
+                  });
   }
 
   void decode_value(const std::byte* codes, std::size_t head_dim, float* out) const noexcept {

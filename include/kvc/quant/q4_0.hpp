@@ -38,6 +38,7 @@
 #include <kvc/simd/bfp.hpp>
 #include <kvc/simd/int8.hpp>
 #include <kvc/simd/kernels.hpp>
+#include <kvc/simd/quantize.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -64,28 +65,12 @@ struct Q4_0 : TokenCodec<Q4_0> {
   template <Element S>
   static void encode_block(const S* x, std::byte* block) noexcept {
     constexpr float fp16_max = 65504.0F;
-    float amax = 0.0F;
-    float m = 0.0F;
-    for (std::size_t j = 0; j < block_values; ++j) {
-      const float v = static_cast<float>(x[j]);
-      if (amax < std::abs(v)) {
-        amax = std::abs(v);
-        m = v;
-      }
-    }
+    const float m = simd::max_magnitude_value(x, block_values);  // the first, sign kept
     const float d = std::clamp(m / -8.0F, -fp16_max, fp16_max);
     float inverse = d != 0.0F ? 1.0F / d : 0.0F;
     if (!std::isfinite(inverse)) inverse = 0.0F;
     simd::store_fp16(d, block);
-    const auto code = [inverse](float v) {
-      const float shifted = static_cast<float>(v * inverse) + 8.5F;
-      return static_cast<unsigned>(std::fmin(std::fmax(shifted, 0.0F), 15.0F));
-    };
-    for (std::size_t j = 0; j < block_values / 2; ++j) {
-      const unsigned low = code(static_cast<float>(x[j]));
-      const unsigned high = code(static_cast<float>(x[j + block_values / 2]));
-      block[2 + j] = static_cast<std::byte>(low | (high << 4));
-    }
+    simd::q4_0_nibbles(x, inverse, block + 2);
   }
 
   // Scores on the codes where the target has VNNI (simd::dot_s8_scaled): each block's

@@ -35,6 +35,7 @@
 #include <kvc/quant/token_codec.hpp>
 #include <kvc/simd/int8.hpp>
 #include <kvc/simd/kernels.hpp>
+#include <kvc/simd/quantize.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -61,19 +62,12 @@ struct Q8_0 : TokenCodec<Q8_0> {
   template <Element S>
   static void encode_block(const S* x, std::byte* block) noexcept {
     constexpr float fp16_max = 65504.0F;
-    float amax = 0.0F;
-    for (std::size_t j = 0; j < block_values; ++j) {
-      amax = std::max(amax, std::abs(static_cast<float>(x[j])));
-    }
+    const float amax = simd::max_abs(x, block_values);
     const float d = std::min(amax / 127.0F, fp16_max);
     float inverse = d != 0.0F ? 1.0F / d : 0.0F;
     if (!std::isfinite(inverse)) inverse = 0.0F;
     simd::store_fp16(d, block);
-    for (std::size_t j = 0; j < block_values; ++j) {
-      const float q = std::round(static_cast<float>(x[j]) * inverse);
-      block[2 + j] = static_cast<std::byte>(
-          static_cast<std::int8_t>(std::fmin(std::fmax(q, -127.0F), 127.0F)));
-    }
+    simd::quantize_away(x, block_values, inverse, reinterpret_cast<std::int8_t*>(block + 2));
   }
 
   // attend's integer paths where the target has VNNI (simd/int8_dot.hpp): scores with each

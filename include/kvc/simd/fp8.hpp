@@ -51,6 +51,7 @@
 #include <kvc/simd/convert.hpp>
 #include <kvc/simd/intrinsics.hpp>
 #include <kvc/simd/kernels.hpp>
+#include <kvc/simd/quantize.hpp>
 #include <kvc/simd/xsimd_compat.hpp>
 
 #include <Eigen/Core>
@@ -190,31 +191,6 @@ inline __m256i fp8_to_half_bits_256(__m128i bytes) noexcept {
   }
 }
 #endif
-
-// Lanes holding 0..255, stored as `lanes` consecutive bytes.
-template <class Arch>
-inline void store_low_bytes(const xsimd::batch<std::int32_t, Arch>& value,
-                            std::uint8_t* destination) noexcept {
-  using wide = xsimd::batch<std::int32_t, Arch>;
-#if defined(__AVX512F__)
-  if constexpr (wide::size == 16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(destination), _mm512_cvtepi32_epi8(value));
-    return;
-  }
-#endif
-#if defined(__AVX2__)
-  if constexpr (wide::size == 8) {
-    const __m256i lanes = value;
-    const __m128i words =
-        _mm_packus_epi32(_mm256_castsi256_si128(lanes), _mm256_extracti128_si256(lanes, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(destination), _mm_packus_epi16(words, words));
-    return;
-  }
-#endif
-  alignas(64) std::int32_t lanes[wide::size];
-  value.store_aligned(lanes);
-  for (std::size_t i = 0; i < wide::size; ++i) destination[i] = static_cast<std::uint8_t>(lanes[i]);
-}
 
 // scale = amax / max; if scale · max would overflow to inf (amax within an ulp of FLT_MAX),
 // one ulp less, so that every decoded value stays finite (x / scale then saturates at max).
@@ -378,18 +354,7 @@ inline void encode_fp8(const S* x, std::size_t n, std::byte* row) noexcept {
   using floats = xsimd::batch<float, Arch>;
   constexpr std::size_t lanes = floats::size;
   const std::size_t vector_end = n / lanes * lanes;
-  float amax = 0.0F;
-  if (vector_end > 0) {
-    floats running(0.0F);
-    for (std::size_t i = 0; i < vector_end; i += lanes) {
-      running = xsimd::max(running, xsimd::abs(load_as_float<Arch>(x + i)));
-    }
-    amax = detail::reduce_max(running);
-  }
-  for (std::size_t i = vector_end; i < n; ++i) {
-    amax = std::max(amax, std::abs(static_cast<float>(x[i])));
-  }
-  const float scale = detail::fp8_scale<F>(amax);
+  const float scale = detail::fp8_scale<F>(max_abs<Arch>(x, n));
   std::memcpy(row, &scale, sizeof scale);
   auto* codes = reinterpret_cast<std::uint8_t*>(row + sizeof scale);
   if (!(scale > 0.0F)) {

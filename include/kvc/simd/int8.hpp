@@ -40,9 +40,16 @@ inline float load_fp16(const std::byte* bytes) noexcept {
 #endif
 }
 
-// Round to nearest even (Eigen::half), stored as 2 little-endian bytes.
+// Round to nearest even (as Eigen::half), stored as 2 little-endian bytes. A NaN stores some
+// quiet NaN (the payload may differ from Eigen's 0x7e00).
 inline void store_fp16(float value, std::byte* bytes) noexcept {
+#if defined(__F16C__)
+  // One vcvtps2ph: Eigen without EIGEN_HAS_FP16_C converts in software, which was a visible
+  // part of q8_0 / q4_0 append.
+  const auto bits = static_cast<std::uint16_t>(_cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT));
+#else
   const auto bits = Eigen::numext::bit_cast<std::uint16_t>(Eigen::half(value));
+#endif
   std::memcpy(bytes, &bits, sizeof bits);
 }
 

@@ -3,6 +3,8 @@
 // Provides, in kvc::simd::detail:
 //   reduce_add(batch)   horizontal sum   (xsimd 8.1 `hadd`; renamed `reduce_add` in 9.0)
 //   reduce_max(batch)   horizontal max   (absent in 8.1; `reduce_max` from 9.0)
+//   reduce_min(batch)   horizontal min   (absent in 8.1; `reduce_min` from 9.0). Not
+//                       −reduce_max(−x): xsimd 8's negation is 0 − x, which loses a −0.
 //   bitcast<To>(batch)  reinterpret the lanes' bits as To (`bitwise_cast<batch<To, A>>` in
 //                       8.x, `bitwise_cast<To>` later; told apart by the return type)
 //   common_arch         the arch-independent fallback arch (`generic` until 13.x, `common`
@@ -60,6 +62,20 @@ inline T reduce_max(const xsimd::batch<T, Arch>& x) noexcept {
   T best = lanes[0];
   for (std::size_t i = 1; i < xsimd::batch<T, Arch>::size; ++i)
     best = lanes[i] > best ? lanes[i] : best;
+  return best;
+#endif
+}
+
+template <class T, class Arch>
+inline T reduce_min(const xsimd::batch<T, Arch>& x) noexcept {
+#if XSIMD_VERSION_MAJOR >= 9
+  return xsimd::reduce_min(x);
+#else
+  alignas(64) T lanes[xsimd::batch<T, Arch>::size];
+  x.store_aligned(lanes);
+  T best = lanes[0];
+  for (std::size_t i = 1; i < xsimd::batch<T, Arch>::size; ++i)
+    best = lanes[i] < best ? lanes[i] : best;
   return best;
 #endif
 }
