@@ -52,17 +52,24 @@ inline xsimd::batch<To, Arch> bitcast(const xsimd::batch<From, Arch>& x) noexcep
   }
 }
 
+// xsimd 8.1's missing reductions: the lanes stored and scanned, keeping lane i where
+// better(lane i, best) (a NaN lane never replaces a number after the first lane).
+template <class T, class Arch, class Better>
+inline T reduce_lanes(const xsimd::batch<T, Arch>& x, Better better) noexcept {
+  alignas(64) T lanes[xsimd::batch<T, Arch>::size];
+  x.store_aligned(lanes);
+  T best = lanes[0];
+  for (std::size_t i = 1; i < xsimd::batch<T, Arch>::size; ++i)
+    best = better(lanes[i], best) ? lanes[i] : best;
+  return best;
+}
+
 template <class T, class Arch>
 inline T reduce_max(const xsimd::batch<T, Arch>& x) noexcept {
 #if XSIMD_VERSION_MAJOR >= 9
   return xsimd::reduce_max(x);
 #else
-  alignas(64) T lanes[xsimd::batch<T, Arch>::size];
-  x.store_aligned(lanes);
-  T best = lanes[0];
-  for (std::size_t i = 1; i < xsimd::batch<T, Arch>::size; ++i)
-    best = lanes[i] > best ? lanes[i] : best;
-  return best;
+  return reduce_lanes(x, [](T a, T b) { return a > b; });
 #endif
 }
 
@@ -71,12 +78,7 @@ inline T reduce_min(const xsimd::batch<T, Arch>& x) noexcept {
 #if XSIMD_VERSION_MAJOR >= 9
   return xsimd::reduce_min(x);
 #else
-  alignas(64) T lanes[xsimd::batch<T, Arch>::size];
-  x.store_aligned(lanes);
-  T best = lanes[0];
-  for (std::size_t i = 1; i < xsimd::batch<T, Arch>::size; ++i)
-    best = lanes[i] < best ? lanes[i] : best;
-  return best;
+  return reduce_lanes(x, [](T a, T b) { return a < b; });
 #endif
 }
 
