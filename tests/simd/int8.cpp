@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -101,5 +102,78 @@ TEST_CASE("expand_q4_0 equals the reference and each block's dequantized values 
       REQUIRE(a[i] <= 7);
       REQUIRE(d * static_cast<float>(a[i]) == values[i]);
     }
+  }
+}
+
+TEST_CASE("gather_fp16 equals the reference for every count, stride and offset", "[simd][int8]") {
+  // The fp16 at first + j·stride, over random bit patterns (NaN, inf and subnormals among
+  // them): equal bit for bit (a NaN only as a NaN) to the scalar loads.
+  std::mt19937 rng(29);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::vector<std::byte> rows(40 * 137 + 8);
+  for (auto& b : rows) b = static_cast<std::byte>(byte(rng));
+  const auto same = [](float a, float b) {
+    return (std::isnan(a) && std::isnan(b)) ||
+           std::memcmp(&a, &b, sizeof a) == 0;  // −0 and +0 apart
+  };
+  for (std::size_t stride : {2, 4, 18, 34, 48, 137}) {
+    for (std::size_t offset : {0, 1, 2}) {
+      for (std::size_t n = 0; n <= 40 && n * stride + offset + 4 <= rows.size(); ++n) {
+        std::vector<float> got(n + 1, -7.0F), want(n + 1, -7.0F);
+        kvc::simd::gather_fp16(rows.data() + offset, stride, n, got.data());
+        kvc::simd::reference::gather_fp16(rows.data() + offset, stride, n, want.data());
+        INFO("stride " << stride << " offset " << offset << " n " << n);
+        for (std::size_t j = 0; j <= n; ++j) REQUIRE(same(got[j], want[j]));  // [n]: untouched
+      }
+    }
+  }
+  // By hand: fp16 1.5 (0x3e00) and −2 (0xc000) in rows 6 bytes apart.
+  std::vector<std::byte> two(12);
+  two[2] = std::byte{0x00};
+  two[3] = std::byte{0x3e};
+  two[8] = std::byte{0x00};
+  two[9] = std::byte{0xc0};
+  float out[2] = {};
+  kvc::simd::gather_fp16(two.data() + 2, 6, 2, out);
+  CHECK(out[0] == 1.5F);
+  CHECK(out[1] == -2.0F);
+}
+
+TEST_CASE("transpose_fp16 equals the reference for every row count, field count and stride",
+          "[simd][int8]") {
+  std::mt19937 rng(31);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::vector<std::byte> rows(70 * 53 + 40);
+  for (auto& b : rows) b = static_cast<std::byte>(byte(rng));
+  // Eight fields (Kivi at d = 128: the register transpose for each 16 rows, gathers for the
+  // rest) and other counts (gathers only), over row strides with and without padding.
+  for (std::size_t fields : {1, 2, 4, 8, 16}) {
+    for (std::size_t stride : {2 * fields + 2, 2 * fields + 32, std::size_t{53}}) {
+      if (stride < 2 * fields + 2) continue;
+      for (std::size_t n = 0; n <= 70 && n * stride + 1 <= rows.size(); ++n) {
+        const std::size_t ldo = n + 3;
+        std::vector<float> got(fields * ldo, -7.0F), want(fields * ldo, -7.0F);
+        kvc::simd::transpose_fp16(rows.data() + 1, stride, n, fields, got.data(), ldo);
+        kvc::simd::reference::transpose_fp16(rows.data() + 1, stride, n, fields, want.data(), ldo);
+        INFO("fields " << fields << " stride " << stride << " n " << n);
+        for (std::size_t k = 0; k < got.size(); ++k) {
+          REQUIRE(((std::isnan(got[k]) && std::isnan(want[k])) ||
+                   std::memcmp(&got[k], &want[k], sizeof(float)) == 0));
+        }
+      }
+    }
+  }
+  // By hand: two rows of eight fields, field i of row j = i + 8j (all exact in fp16).
+  std::vector<std::byte> two(2 * 16 + 2);
+  for (std::size_t j = 0; j < 2; ++j) {
+    for (std::size_t i = 0; i < 8; ++i) {
+      kvc::simd::store_fp16(static_cast<float>(i + 8 * j), two.data() + 16 * j + 2 * i);
+    }
+  }
+  std::vector<float> out(8 * 2);
+  kvc::simd::transpose_fp16(two.data(), 16, 2, 8, out.data(), 2);
+  for (std::size_t i = 0; i < 8; ++i) {
+    CHECK(out[2 * i] == static_cast<float>(i));
+    CHECK(out[2 * i + 1] == static_cast<float>(i + 8));
   }
 }

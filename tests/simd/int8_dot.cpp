@@ -215,3 +215,63 @@ TEST_CASE("dot_planar reference reads Kivi's planar layout (hand-built)", "[simd
   kvc::simd::reference::dot_planar<2>(q.data(), 1, 128, k.data(), 1, 32, &dot, 1);
   CHECK(dot == 0 * 100 + 1 * 7 + 2 * -3 + 3 * 2);
 }
+
+TEST_CASE("accumulate_planar equals its reference for 2- and 4-bit planar codes",
+          "[simd][int8_dot]") {
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> byte(0, 255);
+  const auto check = [&]<unsigned Bits>(std::size_t d) {
+    const std::size_t chunks = d / 32;
+    for (bool shared : {true, false}) {
+      for (std::size_t rows : {1, 3, 4, 6}) {
+        for (std::size_t tokens : {0, 1, 3, 4, 5, 13, 64}) {
+          const std::size_t ldv = d * Bits / 8 + 5;  // rows never aligned
+          const auto bytes = random_codes(rng, tokens * ldv + 1);
+          const auto* v = reinterpret_cast<const std::uint8_t*>(bytes.data()) + 1;
+          std::vector<std::vector<std::uint8_t>> w(chunks,
+                                                   std::vector<std::uint8_t>(rows * tokens + 1));
+          for (auto& row : w) {
+            for (auto& x : row) x = static_cast<std::uint8_t>(byte(rng));
+          }
+          std::vector<const std::uint8_t*> pointers(chunks);
+          for (std::size_t b = 0; b < chunks; ++b) pointers[b] = w[shared ? 0 : b].data();
+          const std::size_t ldacc = d + 3;
+          std::vector<std::int32_t> got(rows * ldacc, -5), want(rows * ldacc, -5);
+          kvc::simd::accumulate_planar<Bits>(pointers.data(), rows, tokens, v, tokens, ldv, d,
+                                             got.data(), ldacc);
+          kvc::simd::reference::accumulate_planar<Bits>(pointers.data(), rows, tokens, v, tokens,
+                                                        ldv, d, want.data(), ldacc);
+          INFO("bits " << Bits << " d " << d << " shared " << shared << " rows " << rows
+                       << " tokens " << tokens);
+          CHECK(got == want);  // the padding columns stay untouched in both
+        }
+      }
+    }
+  };
+  // Planes of 32 bytes (both chunks of a pair from the same bytes), of 64 and 128 (a pair
+  // from consecutive bytes), of 96 (4-bit d = 192: a pair that wraps to the next plane), and a
+  // head dim that falls back to the reference (2-bit d = 64: 16-byte planes).
+  for (std::size_t d : {128, 256}) check.operator()<2>(d);
+  for (std::size_t d : {64, 128, 192, 256}) check.operator()<4>(d);
+  check.operator()<2>(64);
+}
+
+TEST_CASE("accumulate_planar reference reads Kivi's planar layout (hand-built)",
+          "[simd][int8_dot]") {
+  // 2 bits, d = 128: byte 5 holds channels 5, 37, 69, 101 (low bits first); two tokens.
+  std::vector<std::uint8_t> v(2 * 32, 0);
+  v[5] = 0b11'10'01'00;       // token 0: channel 5: 0, 37: 1, 69: 2, 101: 3
+  v[32 + 5] = 0b01'01'11'10;  // token 1: channel 5: 2, 37: 3, 69: 1, 101: 1
+  const std::uint8_t weights[4][2] = {{10, 20}, {30, 40}, {50, 60}, {70, 80}};
+  const std::uint8_t* chunks[4] = {weights[0], weights[1], weights[2], weights[3]};
+  std::vector<std::int32_t> acc(128, -1);
+  kvc::simd::reference::accumulate_planar<2>(chunks, 1, 2, v.data(), 2, 32, 128, acc.data(), 128);
+  CHECK(acc[5] == 10 * 0 + 20 * 2);
+  CHECK(acc[37] == 30 * 1 + 40 * 3);
+  CHECK(acc[69] == 50 * 2 + 60 * 1);
+  CHECK(acc[101] == 70 * 3 + 80 * 1);
+  CHECK(acc[6] == 0);
+  std::vector<std::int32_t> fast(128, -1);
+  kvc::simd::accumulate_planar<2>(chunks, 1, 2, v.data(), 2, 32, 128, fast.data(), 128);
+  CHECK(fast == acc);
+}

@@ -9,6 +9,11 @@
 //   std::size_t chunk_stride               bytes from chunk b's codes to chunk b + 1's
 //   std::size_t chunks_per_scale           consecutive chunks sharing one scale
 //   float scale(const std::byte* row, std::size_t s)    the row's s-th scale
+// and optionally
+//   void gather_scales(rows, tokens, s, out)   out[j] = scale(rows + j·stride, s), in one
+//                                              pass (simd::gather_fp16 for fp16 scales)
+//   static constexpr unsigned planar_bits      the codes are Bits-bit planar (quant::Kivi's
+//                                              values), accumulated by simd::accumulate_planar
 // What the kernels round (queries to int8 per row, weights to u8 per tile) and why is in
 // kvc/simd/int8_dot.hpp. Per tile and block of up to 4 query rows:
 //   score:       s[r][j] = (float)Σ_c q̂[r][c]·k̂[j][c] · (sq_r · sk_j)     (one scale per row)
@@ -53,6 +58,17 @@ inline std::pair<const std::int8_t*, const float*> query_codes_of(const ScoreTil
   return {codes, scales};
 }
 
+// out[j] = the s-th scale of each of `tokens` rows starting at `rows`.
+template <class Layout>
+void gather_scales(const Layout& layout, const std::byte* rows, std::size_t tokens, std::size_t s,
+                   float* out) noexcept {
+  if constexpr (requires { layout.gather_scales(rows, tokens, s, out); }) {
+    layout.gather_scales(rows, tokens, s, out);
+  } else {
+    for (std::size_t j = 0; j < tokens; ++j) out[j] = layout.scale(rows + j * layout.stride, s);
+  }
+}
+
 // Formats with one scale per token row (chunks_per_scale == head_dim / 32).
 template <class Layout>
 void int8_fused_scores(const ScoreTile& tile, const Layout& layout) noexcept {
@@ -64,8 +80,7 @@ void int8_fused_scores(const ScoreTile& tile, const Layout& layout) noexcept {
   for (std::size_t t0 = 0; t0 < tile.tokens; t0 += fused_tokens) {
     const std::size_t tokens = std::min(fused_tokens, tile.tokens - t0);
     const std::byte* rows = tile.key_codes + t0 * layout.stride;
-    for (std::size_t j = 0; j < tokens; ++j)
-      key_scales[j] = layout.scale(rows + j * layout.stride, 0);
+    gather_scales(layout, rows, tokens, 0, key_scales.data());
     for (std::size_t r0 = 0; r0 < tile.rows; r0 += fused_rows) {
       const std::size_t block = std::min(fused_rows, tile.rows - r0);
       const auto [q_codes, q_scales] =
@@ -157,58 +172,75 @@ void int8_fused_block_scores(const ScoreTile& tile, const Layout& layout) noexce
   }
 }
 
+// int8_fused_accumulate on tokens [t0, t0 + tokens) of the tile (tokens ≤ fused_tokens),
+// their value scales given: value_scales[s · lds + j] is the s-th scale of token t0 + j.
 template <class Layout>
-void int8_fused_accumulate(const AccumulateTile& tile, const Layout& layout) noexcept {
+void int8_fused_accumulate_part(const AccumulateTile& tile, const Layout& layout, std::size_t t0,
+                                std::size_t tokens, const float* value_scales,
+                                std::size_t lds) noexcept {
   constexpr std::size_t max_chunks = fused_max_head_dim / simd::int8_chunk;
   const std::size_t d = tile.head_dim;
   const std::size_t chunks = d / simd::int8_chunk;
   const std::size_t scales = chunks / layout.chunks_per_scale;
-  std::array<float, max_chunks * fused_tokens> value_scales;  // [scale][token]
   std::array<float, fused_tokens> weights;
   std::array<std::uint8_t, max_chunks * fused_rows * fused_tokens> weight_codes;
   std::array<float, max_chunks * fused_rows> factors;  // [scale][row]
   std::array<const std::uint8_t*, max_chunks> chunk_weights;
   std::array<std::int32_t, fused_rows * fused_max_head_dim> sums;
-  for (std::size_t t0 = 0; t0 < tile.tokens; t0 += fused_tokens) {
-    const std::size_t tokens = std::min(fused_tokens, tile.tokens - t0);
-    const std::byte* rows = tile.value_codes + t0 * layout.stride;
+  const std::byte* rows = tile.value_codes + t0 * layout.stride;
+  for (std::size_t r0 = 0; r0 < tile.rows; r0 += fused_rows) {
+    const std::size_t block = std::min(fused_rows, tile.rows - r0);
     for (std::size_t s = 0; s < scales; ++s) {
-      for (std::size_t j = 0; j < tokens; ++j) {
-        value_scales[s * fused_tokens + j] = layout.scale(rows + j * layout.stride, s);
+      for (std::size_t r = 0; r < block; ++r) {
+        const float* __restrict p = tile.weights + (r0 + r) * tile.weights_stride + t0;
+        const float* __restrict scale = value_scales + s * lds;
+        float* __restrict weight = weights.data();
+        for (std::size_t j = 0; j < tokens; ++j) weight[j] = p[j] * scale[j];
+        factors[s * fused_rows + r] = simd::quantize_weights_u8(
+            weights.data(), tokens, weight_codes.data() + (s * fused_rows + r) * fused_tokens);
       }
     }
-    for (std::size_t r0 = 0; r0 < tile.rows; r0 += fused_rows) {
-      const std::size_t block = std::min(fused_rows, tile.rows - r0);
-      for (std::size_t s = 0; s < scales; ++s) {
-        for (std::size_t r = 0; r < block; ++r) {
-          const float* __restrict p = tile.weights + (r0 + r) * tile.weights_stride + t0;
-          const float* __restrict scale = value_scales.data() + s * fused_tokens;
-          float* __restrict weight = weights.data();
-          for (std::size_t j = 0; j < tokens; ++j) weight[j] = p[j] * scale[j];
-          factors[s * fused_rows + r] = simd::quantize_weights_u8(
-              weights.data(), tokens, weight_codes.data() + (s * fused_rows + r) * fused_tokens);
-        }
-      }
-      for (std::size_t b = 0; b < chunks; ++b) {
-        chunk_weights[b] =
-            weight_codes.data() + b / layout.chunks_per_scale * fused_rows * fused_tokens;
-      }
+    for (std::size_t b = 0; b < chunks; ++b) {
+      chunk_weights[b] =
+          weight_codes.data() + b / layout.chunks_per_scale * fused_rows * fused_tokens;
+    }
+    if constexpr (requires { Layout::planar_bits; }) {
+      simd::accumulate_planar<Layout::planar_bits>(
+          chunk_weights.data(), block, fused_tokens,
+          reinterpret_cast<const std::uint8_t*>(rows + layout.code_offset), tokens, layout.stride,
+          d, sums.data(), fused_max_head_dim);
+    } else {
       simd::accumulate_u8s8(chunk_weights.data(), block, fused_tokens,
                             reinterpret_cast<const std::int8_t*>(rows + layout.code_offset), tokens,
                             layout.stride, chunks, layout.chunk_stride, sums.data(),
                             fused_max_head_dim);
-      for (std::size_t r = 0; r < block; ++r) {
-        float* acc = tile.acc + (r0 + r) * d;
-        const std::int32_t* sum = sums.data() + r * fused_max_head_dim;
-        const std::size_t width = layout.chunks_per_scale * simd::int8_chunk;
-        for (std::size_t s = 0; s < scales; ++s) {
-          const float factor = factors[s * fused_rows + r];
-          float* __restrict out = acc + s * width;
-          const std::int32_t* __restrict in = sum + s * width;
-          for (std::size_t c = 0; c < width; ++c) out[c] += factor * static_cast<float>(in[c]);
-        }
+    }
+    for (std::size_t r = 0; r < block; ++r) {
+      float* acc = tile.acc + (r0 + r) * d;
+      const std::int32_t* sum = sums.data() + r * fused_max_head_dim;
+      const std::size_t width = layout.chunks_per_scale * simd::int8_chunk;
+      for (std::size_t s = 0; s < scales; ++s) {
+        const float factor = factors[s * fused_rows + r];
+        float* __restrict out = acc + s * width;
+        const std::int32_t* __restrict in = sum + s * width;
+        for (std::size_t c = 0; c < width; ++c) out[c] += factor * static_cast<float>(in[c]);
       }
     }
+  }
+}
+
+template <class Layout>
+void int8_fused_accumulate(const AccumulateTile& tile, const Layout& layout) noexcept {
+  constexpr std::size_t max_chunks = fused_max_head_dim / simd::int8_chunk;
+  const std::size_t scales = tile.head_dim / simd::int8_chunk / layout.chunks_per_scale;
+  std::array<float, max_chunks * fused_tokens> value_scales;  // [scale][token]
+  for (std::size_t t0 = 0; t0 < tile.tokens; t0 += fused_tokens) {
+    const std::size_t tokens = std::min(fused_tokens, tile.tokens - t0);
+    const std::byte* rows = tile.value_codes + t0 * layout.stride;
+    for (std::size_t s = 0; s < scales; ++s) {
+      gather_scales(layout, rows, tokens, s, value_scales.data() + s * fused_tokens);
+    }
+    int8_fused_accumulate_part(tile, layout, t0, tokens, value_scales.data(), fused_tokens);
   }
 }
 

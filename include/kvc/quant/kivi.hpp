@@ -35,9 +35,9 @@
 //             kernels in the same online softmax ("quantized part + full-precision part in
 //             one softmax"). Where the target has AVX-512 VNNI (simd::has_int8_dot, d ≤ 256,
 //             d and Group multiples of 32, Bits < 8: the codes must fit int8) both products
-//             run on simd/int8_dot.hpp's integer kernels — the key codes straight from their
-//             planar bytes (simd::dot_planar, where each plane is whole 32-byte chunks), the
-//             value codes widened to int8 —
+//             run on simd/int8_dot.hpp's integer kernels — both code planes straight from
+//             their bytes where each plane is whole 32-byte chunks (simd::dot_planar for keys,
+//             simd::accumulate_planar for values), else widened to int8 first —
 //             rounding what Int8<32>'s path rounds: each row q∘s to int8 (per row scale), each
 //             tile's weights p·s to u8; the m terms (q·m, Σ p·m) stay fp32. Tiles that ask for
 //             exact scores (observe) and other targets take the fp32 path, an exact function of the
@@ -442,27 +442,63 @@ struct Kivi {
     }
   }
 
-  // The value rows widened into Int8's row layout ([fp32 s × groups][int8 code × d], codes
-  // 0..L) in the scratch, then int8_fused_accumulate adds Σ_j p_rj s_jg code_jc; the zero
-  // points add Σ_j p_rj m_jg to each channel of group g, in fp32.
+  // Kivi's value rows as int8_fused_accumulate_part reads them where the planes are whole
+  // 32-byte chunks (simd::dot_planar_fits): a scale per Group channels (given, see
+  // integer_accumulate) and the planar codes themselves, shifted and masked in registers by
+  // simd::accumulate_planar — no widened copy of the rows.
+  struct PlanarValueLayout {
+    static constexpr unsigned planar_bits = Bits;
+    std::size_t stride, code_offset, chunk_stride, chunks_per_scale;
+  };
+
+  // Other head dims: the value rows widened into Int8's row layout ([fp32 s × groups][int8
+  // code × d], codes 0..L) in the scratch first.
   using UnpackedLayout = Int8<>::Layout;
 
+  // acc += Σ_j p_rj (m_jg + s_jg code_jc): int8_fused_accumulate adds Σ_j p_rj s_jg code_jc
+  // (integer sums, see above), then the zero points add Σ_j p_rj m_jg to each channel of
+  // group g, in fp32.
   void integer_accumulate(const AccumulateTile& tile) const noexcept {
     const std::size_t d = tile.head_dim;
     const std::size_t groups = d / Group;
+    const std::size_t stride = value_bytes(d);
+    // Σ_j p_rj m_jg (m: `tokens` zero points of group g, ldm apart) on every channel of g.
+    const auto add_zero_points = [&](std::size_t t0, std::size_t tokens, const float* m,
+                                     std::size_t ldm) {
+      for (std::size_t r = 0; r < tile.rows; ++r) {
+        const float* p = tile.weights + r * tile.weights_stride + t0;
+        float* acc = tile.acc + r * d;
+        for (std::size_t g = 0; g < groups; ++g) {
+          const float offset = simd::dot(p, m + g * ldm, tokens);
+          for (std::size_t c = g * Group; c < (g + 1) * Group; ++c) acc[c] += offset;
+        }
+      }
+    };
+    if (simd::dot_planar_fits<Bits>(d)) {
+      constexpr std::size_t part = detail::fused_tokens;
+      const PlanarValueLayout layout{stride, value_param_bytes(d), 0, Group / simd::int8_chunk};
+      // Every group's (m̂, ŝ) of a part's tokens, [2g + (0: m̂, 1: ŝ)][token]: one transpose
+      // of the rows' parameter bytes (groups ≤ 8 here: d ≤ 256, Group ≥ 32).
+      std::array<float, 16 * part> params;
+      for (std::size_t t0 = 0; t0 < tile.tokens; t0 += part) {
+        const std::size_t tokens = std::min(part, tile.tokens - t0);
+        simd::transpose_fp16(tile.value_codes + t0 * stride, stride, tokens, 2 * groups,
+                             params.data(), part);
+        detail::int8_fused_accumulate_part(tile, layout, t0, tokens, params.data() + part,
+                                           2 * part);
+        add_zero_points(t0, tokens, params.data(), 2 * part);
+      }
+      return;
+    }
     const UnpackedLayout layout{sizeof(float) * groups + d, sizeof(float) * groups,
                                 simd::int8_chunk, Group / simd::int8_chunk};
     auto* unpacked = reinterpret_cast<std::byte*>(tile.scratch);
-    // Zero points after the rows: groups × tile.tokens floats (fits: d + 8·groups ≤ 4·d).
-    float* minimum =
-        tile.scratch + (tile.tokens * layout.stride + sizeof(float) - 1) / sizeof(float);
     for (std::size_t j = 0; j < tile.tokens; ++j) {
-      const std::byte* codes = tile.value_codes + j * value_bytes(d);
+      const std::byte* codes = tile.value_codes + j * stride;
       std::byte* row = unpacked + j * layout.stride;
       for (std::size_t g = 0; g < groups; ++g) {
         const float s = simd::load_fp16(codes + 4 * g + 2);
         std::memcpy(row + sizeof(float) * g, &s, sizeof s);
-        minimum[g * tile.tokens + j] = simd::load_fp16(codes + 4 * g);
       }
       Codes::widen(codes + value_param_bytes(d), d,
                    reinterpret_cast<std::int8_t*>(row + layout.code_offset));
@@ -470,14 +506,12 @@ struct Kivi {
     AccumulateTile widened = tile;
     widened.value_codes = unpacked;
     detail::int8_fused_accumulate(widened, layout);
-    for (std::size_t r = 0; r < tile.rows; ++r) {
-      const float* p = tile.weights + r * tile.weights_stride;
-      float* acc = tile.acc + r * d;
-      for (std::size_t g = 0; g < groups; ++g) {
-        const float offset = simd::dot(p, minimum + g * tile.tokens, tile.tokens);
-        for (std::size_t c = g * Group; c < (g + 1) * Group; ++c) acc[c] += offset;
-      }
+    // The zero points m̂ of each group, [group][token], in the scratch (free again).
+    float* minimum = tile.scratch;
+    for (std::size_t g = 0; g < groups; ++g) {
+      simd::gather_fp16(tile.value_codes + 4 * g, stride, tile.tokens, minimum + g * tile.tokens);
     }
+    add_zero_points(0, tile.tokens, minimum, tile.tokens);
   }
 };
 

@@ -95,6 +95,12 @@ struct Q4_0 : TokenCodec<Q4_0> {
     static float scale(const std::byte* row, std::size_t s) noexcept {
       return simd::load_fp16(row + s * block_bytes);
     }
+    // The s-th scale of `tokens` rows in one pass (each scale is followed by its codes, so
+    // gather_fp16's 4-byte reads stay inside the row).
+    void gather_scales(const std::byte* rows, std::size_t tokens, std::size_t s,
+                       float* out) const noexcept {
+      simd::gather_fp16(rows + s * block_bytes, stride, tokens, out);
+    }
     static int code(const std::byte* row, std::size_t c) noexcept {
       const auto byte = static_cast<int>(row[c / block_values * block_bytes + 2 + c % 16]);
       return (c % block_values < 16 ? byte & 15 : byte >> 4) - 8;

@@ -102,6 +102,12 @@ struct Q8_0 : TokenCodec<Q8_0> {
     static float scale(const std::byte* row, std::size_t s) noexcept {
       return simd::load_fp16(row + s * block_bytes);
     }
+    // The s-th scale of `tokens` rows in one pass (each scale is followed by its codes, so
+    // gather_fp16's 4-byte reads stay inside the row).
+    void gather_scales(const std::byte* rows, std::size_t tokens, std::size_t s,
+                       float* out) const noexcept {
+      simd::gather_fp16(rows + s * block_bytes, stride, tokens, out);
+    }
   };
   static constexpr Layout layout(std::size_t head_dim) noexcept {
     return {row_bytes(head_dim), 2, block_bytes, 1};

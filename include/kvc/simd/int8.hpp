@@ -12,6 +12,12 @@
 //   expand_q4_0(blocks, out, n)         n/32 ggml block_q4_0 → n int8 codes (nibble − 8),
 //                                       for the integer score path (simd::dot_s8_scaled)
 //   load_fp16 / store_fp16              the fp16 `d` of a ggml block, unaligned
+//   gather_fp16(first, stride, n, out)  out[j] = the fp16 at first + j·stride (a scale per
+//                                       row of a tile: ggml blocks, Kivi's value groups)
+//   transpose_fp16(first, stride, n, fields, out, ldo)
+//                                       out[i·ldo + j] = the fp16 at first + j·stride + 2i:
+//                                       `fields` consecutive fp16s of n rows, one row of n
+//                                       floats per field (Kivi's value (m̂, ŝ) per group)
 // Every kernel has a twin in kvc::simd::reference (same signature, plain C++) that tests
 // compare against. Paths: AVX-512F (16 lanes), AVX2 (8 lanes), scalar — chosen by the
 // target the translation unit is compiled for. Inputs need no alignment (a ggml block is 34
@@ -22,6 +28,8 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -54,6 +62,16 @@ inline void store_fp16(float value, std::byte* bytes) noexcept {
 }
 
 namespace reference {
+
+inline void gather_fp16(const std::byte* first, std::size_t stride, std::size_t n,
+                        float* out) noexcept {
+  for (std::size_t j = 0; j < n; ++j) out[j] = load_fp16(first + j * stride);
+}
+
+inline void transpose_fp16(const std::byte* first, std::size_t stride, std::size_t n,
+                           std::size_t fields, float* out, std::size_t ldo) noexcept {
+  for (std::size_t i = 0; i < fields; ++i) gather_fp16(first + 2 * i, stride, n, out + i * ldo);
+}
 
 inline void dequantize_int8(const std::int8_t* q, float scale, float* out, std::size_t n) noexcept {
   for (std::size_t i = 0; i < n; ++i) out[i] = scale * static_cast<float>(q[i]);
@@ -96,6 +114,114 @@ inline void expand_q4_0(const std::byte* blocks, std::int8_t* out, std::size_t n
 }
 
 }  // namespace reference
+
+// out[j] = the fp16 at first + j·stride for j < n: a tile's per-row scales, which sit at a
+// fixed offset in rows `stride` bytes apart. AVX-512: 16 rows per vpgatherdd, the 16-bit halves
+// narrowed (vpmovdw) and widened to fp32 (vcvtph2ps) in registers, instead of 16 scalar loads
+// and conversions. The gather reads 4 bytes at each address, so bytes [first + j·stride, +4)
+// must be readable for every j < n (in kvc the scale is always followed by its codes).
+inline void gather_fp16(const std::byte* first, std::size_t stride, std::size_t n,
+                        float* out) noexcept {
+  std::size_t j = 0;
+#if defined(__AVX512F__)
+  // int32 byte offsets: tiles are at most a page of rows, far below 2^31 bytes.
+  if (n * stride <= std::size_t{0x7fffffff} - 16 * stride) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i offsets = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(stride)));
+    for (; j < n; j += 16) {
+      const std::size_t count = std::min<std::size_t>(16, n - j);
+      // Lanes past n are masked off: their addresses are never read.
+      const auto live = static_cast<__mmask16>((1U << count) - 1U);
+      const __m512i words =
+          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, offsets, first + j * stride, 1);
+      _mm512_mask_storeu_ps(out + j, live, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words)));
+    }
+    return;
+  }
+#endif
+  reference::gather_fp16(first + j * stride, stride, n - j, out + j);
+}
+
+// transpose_fp16 (see the list above). Eight fields (16 bytes a row: Kivi at d = 128, Group =
+// 32) on AVX-512 BW: 16 rows a step as a 16 × 8 transpose of 16-bit words in registers — four
+// zmm of four rows each, two rounds of vpermt2w, then vcvtph2ps per field — about 40
+// instructions where per-field gathers take eight vpgatherdd. Other counts (and the last
+// n mod 16 rows): gather_fp16 per field, which reads 4 bytes at each field, so bytes
+// [row, row + 2·fields + 2) of every row must be readable (Kivi's codes follow its fields).
+inline void transpose_fp16(const std::byte* first, std::size_t stride, std::size_t n,
+                           std::size_t fields, float* out, std::size_t ldo) noexcept {
+  std::size_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (fields == 8) {
+    // Round 1: from rows 0–7 (a: rows 0–3, b: rows 4–7; word 8r + i is field i of row r),
+    // fields 0–3 as [field][row] (low) and fields 4–7 (high). Round 2: from round 1's rows
+    // 0–7 and 8–15, fields 2p and 2p + 1 of all 16 rows, [field][row].
+    using Index = std::array<std::uint16_t, 32>;
+    static constexpr Index low_index = [] {
+      Index index{};
+      for (std::size_t f = 0; f < 4; ++f) {
+        for (std::size_t r = 0; r < 8; ++r)
+          index[f * 8 + r] = static_cast<std::uint16_t>(r * 8 + f);
+      }
+      return index;
+    }();
+    static constexpr Index high_index = [] {
+      Index index{};
+      for (std::size_t k = 0; k < 32; ++k) index[k] = static_cast<std::uint16_t>(low_index[k] + 4);
+      return index;
+    }();
+    static constexpr std::array<Index, 2> pair_index = [] {
+      std::array<Index, 2> index{};
+      for (std::size_t p = 0; p < 2; ++p) {
+        for (std::size_t f = 0; f < 2; ++f) {
+          const std::size_t field = 2 * p + f;
+          for (std::size_t r = 0; r < 16; ++r) {
+            index[p][f * 16 + r] =
+                static_cast<std::uint16_t>(r < 8 ? field * 8 + r : 32 + field * 8 + (r - 8));
+          }
+        }
+      }
+      return index;
+    }();
+    const __m512i low = _mm512_loadu_si512(low_index.data());
+    const __m512i high = _mm512_loadu_si512(high_index.data());
+    const __m512i pairs[2] = {_mm512_loadu_si512(pair_index[0].data()),
+                              _mm512_loadu_si512(pair_index[1].data())};
+    const auto four_rows = [&](const std::byte* row) {
+      __m512i x = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+      x = _mm512_inserti32x4(x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + stride)), 1);
+      x = _mm512_inserti32x4(x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * stride)),
+                             2);
+      return _mm512_inserti32x4(
+          x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 3 * stride)), 3);
+    };
+    for (; j + 16 <= n; j += 16) {
+      const std::byte* rows = first + j * stride;
+      const __m512i a = four_rows(rows), b = four_rows(rows + 4 * stride);
+      const __m512i c = four_rows(rows + 8 * stride), d = four_rows(rows + 12 * stride);
+      // [f0..f3 of rows 0–7], [f4..f7 of rows 0–7], the same of rows 8–15.
+      const __m512i first_low = _mm512_permutex2var_epi16(a, low, b);
+      const __m512i first_high = _mm512_permutex2var_epi16(a, high, b);
+      const __m512i second_low = _mm512_permutex2var_epi16(c, low, d);
+      const __m512i second_high = _mm512_permutex2var_epi16(c, high, d);
+      const __m512i field_pairs[4] = {_mm512_permutex2var_epi16(first_low, pairs[0], second_low),
+                                      _mm512_permutex2var_epi16(first_low, pairs[1], second_low),
+                                      _mm512_permutex2var_epi16(first_high, pairs[0], second_high),
+                                      _mm512_permutex2var_epi16(first_high, pairs[1], second_high)};
+      for (std::size_t p = 0; p < 4; ++p) {
+        _mm512_storeu_ps(out + 2 * p * ldo + j,
+                         _mm512_cvtph_ps(_mm512_castsi512_si256(field_pairs[p])));
+        _mm512_storeu_ps(out + (2 * p + 1) * ldo + j,
+                         _mm512_cvtph_ps(_mm512_extracti64x4_epi64(field_pairs[p], 1)));
+      }
+    }
+    if (j == n) return;
+  }
+#endif
+  for (std::size_t i = 0; i < fields; ++i) {
+    gather_fp16(first + j * stride + 2 * i, stride, n - j, out + i * ldo + j);
+  }
+}
 
 inline void dequantize_int8(const std::int8_t* q, float scale, float* out, std::size_t n) noexcept {
   std::size_t i = 0;

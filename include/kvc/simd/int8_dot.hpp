@@ -32,6 +32,9 @@
 //       channel c of token j is bits [(c / S)·Bits, +Bits) of byte k[j·ldk + c % S],
 //       S = d·Bits/8. Shifted and masked in registers, each 32 bytes of a token give 32
 //       consecutive channels as u8, straight into vpdpbusd: no widening, no sign bias.
+//   accumulate_planar<Bits>(w, rows, ldw, v, tokens, ldv, d, acc, ldacc)   (Bits 2 or 4)
+//       accumulate_u8s8's sums over planar codes (quant::Kivi's values): acc[r·ldacc + c] =
+//       Σ_j w[c / 32][r·ldw + j] · code_j(c), the codes shifted and masked in registers.
 // Paths: AVX-512 VNNI + VL (256-bit vpdpbusd on 32-channel chunks; 32 registers hold a 4-row
 // × 4-token block) where the target has them (`has_int8_dot`), the references otherwise.
 // The quantizers use these kernels only where has_int8_dot is true; elsewhere they keep their
@@ -140,6 +143,24 @@ inline void accumulate_u8s8(const std::uint8_t* const* w, std::size_t rows, std:
         }
         acc[r * ldacc + b * int8_chunk + c] = sum;
       }
+    }
+  }
+}
+
+template <unsigned Bits>
+inline void accumulate_planar(const std::uint8_t* const* w, std::size_t rows, std::size_t ldw,
+                              const std::uint8_t* v, std::size_t tokens, std::size_t ldv,
+                              std::size_t d, std::int32_t* acc, std::size_t ldacc) noexcept {
+  const std::size_t stride = d * Bits / 8;
+  for (std::size_t r = 0; r < rows; ++r) {
+    for (std::size_t c = 0; c < d; ++c) {
+      std::int32_t sum = 0;
+      for (std::size_t j = 0; j < tokens; ++j) {
+        const unsigned code =
+            (unsigned{v[j * ldv + c % stride]} >> (c / stride * Bits)) & ((1U << Bits) - 1U);
+        sum += std::int32_t{w[c / int8_chunk][r * ldw + j]} * static_cast<std::int32_t>(code);
+      }
+      acc[r * ldacc + c] = sum;
     }
   }
 }
@@ -286,24 +307,56 @@ KVC_SIMD_ALWAYS_INLINE inline std::uint32_t load_weights_4(const std::uint8_t* w
 }
 
 // One or two 32-channel chunks (Pair: a zmm holding chunk b in its low and chunk b + 1 in
-// its high 256 bits) of rows [0, Rows), over every token. Registers: Rows · 4 accumulators,
-// 4 code vectors, 4 interleaved, the weights.
-template <std::size_t Rows, bool Pair>
+// its high 256 bits) of rows [0, Rows), over every token. Bits == 8: the chunks are int8 codes
+// at v and v + second. Bits 2 or 4: they are planar codes (accumulate_planar): the bytes at v
+// shifted right by shift0 (chunk b) and at v + second by shift1 (chunk b + 1), masked to Bits
+// bits in registers (a code never crosses its byte, so what the 16-bit shift brings in from
+// the next byte lands above the mask). Registers: Rows · 4 accumulators, 4 code vectors,
+// 4 interleaved, the weights.
+template <std::size_t Rows, bool Pair, unsigned Bits>
 inline void accumulate_chunks(const std::uint8_t* w0, const std::uint8_t* w1, std::size_t ldw,
-                              const std::int8_t* v, std::size_t chunk_stride, std::size_t tokens,
-                              std::size_t ldv, std::int32_t* acc, std::size_t ldacc) noexcept {
+                              const std::int8_t* v, std::ptrdiff_t second, unsigned shift0,
+                              unsigned shift1, std::size_t tokens, std::size_t ldv,
+                              std::int32_t* acc, std::size_t ldacc) noexcept {
   using V = typename ChunkVector<Pair>::type;
   constexpr std::size_t lanes128 = sizeof(V) / 16;
-  const bool contiguous = chunk_stride == int8_chunk;
+  constexpr auto chunk = static_cast<std::ptrdiff_t>(int8_chunk);
   const bool shared_weights = w0 == w1;
-  const auto load = [&](const std::int8_t* codes) KVC_SIMD_ALWAYS_INLINE {
+  V shifts{};
+  V mask{};
+  if constexpr (Bits < 8) {
+    const auto low_bits = static_cast<char>((1U << Bits) - 1U);
     if constexpr (Pair) {
-      if (contiguous) return _mm512_loadu_si512(codes);
-      return _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes))),
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + chunk_stride)), 1);
+      shifts = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<short>(shift0)),
+                                  _mm256_set1_epi16(static_cast<short>(shift1)), 1);
+      mask = _mm512_set1_epi8(low_bits);
     } else {
-      return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+      shifts = _mm256_set1_epi16(static_cast<short>(shift0));
+      mask = _mm256_set1_epi8(low_bits);
+    }
+  }
+  const auto load = [&](const std::int8_t* codes) KVC_SIMD_ALWAYS_INLINE {
+    V raw;
+    if constexpr (Pair) {
+      const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+      if (second == chunk) {
+        raw = _mm512_loadu_si512(codes);
+      } else if (second == 0) {  // both chunks from the same bytes (planar: other planes)
+        raw = _mm512_broadcast_i64x4(low);
+      } else {
+        raw = _mm512_inserti64x4(
+            _mm512_castsi256_si512(low),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + second)), 1);
+      }
+    } else {
+      raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+    }
+    if constexpr (Bits == 8) {
+      return raw;
+    } else if constexpr (Pair) {
+      return _mm512_and_si512(_mm512_srlv_epi16(raw, shifts), mask);
+    } else {
+      return _mm256_and_si256(_mm256_srlv_epi16(raw, shifts), mask);
     }
   };
   const auto broadcast = [&](std::size_t r, std::size_t j,
@@ -357,6 +410,25 @@ inline void accumulate_chunks(const std::uint8_t* w0, const std::uint8_t* w1, st
       }
     });
   });
+}
+
+// accumulate_chunks over every row: blocks of 4 rows, then the last 1–3 in one block (each
+// code vector loaded serves all of them).
+template <bool Pair, unsigned Bits>
+inline void accumulate_chunk_rows(const std::uint8_t* w0, const std::uint8_t* w1, std::size_t rows,
+                                  std::size_t ldw, const std::int8_t* v, std::ptrdiff_t second,
+                                  unsigned shift0, unsigned shift1, std::size_t tokens,
+                                  std::size_t ldv, std::int32_t* acc, std::size_t ldacc) noexcept {
+  const auto run = [&]<std::size_t Rows>(std::integral_constant<std::size_t, Rows>, std::size_t r) {
+    accumulate_chunks<Rows, Pair, Bits>(w0 + r * ldw, w1 + r * ldw, ldw, v, second, shift0, shift1,
+                                        tokens, ldv, acc + r * ldacc, ldacc);
+  };
+  std::size_t r = 0;
+  for (; r + 4 <= rows; r += 4) run(std::integral_constant<std::size_t, 4>{}, r);
+  const std::size_t left = rows - r;
+  if (left == 3) run(std::integral_constant<std::size_t, 3>{}, r);
+  if (left == 2) run(std::integral_constant<std::size_t, 2>{}, r);
+  if (left == 1) run(std::integral_constant<std::size_t, 1>{}, r);
 }
 
 // Rows query rows × Tokens tokens of planar Bits-bit codes (dot_planar): per 32 bytes of
@@ -538,43 +610,59 @@ inline void accumulate_u8s8(const std::uint8_t* const* w, std::size_t rows, std:
                             std::size_t chunks, std::size_t chunk_stride, std::int32_t* acc,
                             std::size_t ldacc) noexcept {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+  const auto second = static_cast<std::ptrdiff_t>(chunk_stride);
   for (std::size_t b = 0; b < chunks; b += 2) {
     const std::int8_t* codes = v + b * chunk_stride;
-    const bool pair = b + 1 < chunks;
-    const std::uint8_t* w1 = pair ? w[b + 1] : w[b];
-    std::size_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      std::int32_t* out = acc + r * ldacc + b * int8_chunk;
-      if (pair) {
-        detail::accumulate_chunks<4, true>(w[b] + r * ldw, w1 + r * ldw, ldw, codes, chunk_stride,
-                                           tokens, ldv, out, ldacc);
-      } else {
-        detail::accumulate_chunks<4, false>(w[b] + r * ldw, w1 + r * ldw, ldw, codes, chunk_stride,
-                                            tokens, ldv, out, ldacc);
-      }
-    }
-    const std::size_t left = rows - r;
-    if (left > 0) {  // the last 1–3 rows in one block
-      std::int32_t* out = acc + r * ldacc + b * int8_chunk;
-      const std::uint8_t* low = w[b] + r * ldw;
-      const std::uint8_t* high = w1 + r * ldw;
-      const auto run = [&]<std::size_t Rows>(std::integral_constant<std::size_t, Rows>) {
-        if (pair) {
-          detail::accumulate_chunks<Rows, true>(low, high, ldw, codes, chunk_stride, tokens, ldv,
-                                                out, ldacc);
-        } else {
-          detail::accumulate_chunks<Rows, false>(low, high, ldw, codes, chunk_stride, tokens, ldv,
-                                                 out, ldacc);
-        }
-      };
-      if (left == 3) run(std::integral_constant<std::size_t, 3>{});
-      if (left == 2) run(std::integral_constant<std::size_t, 2>{});
-      if (left == 1) run(std::integral_constant<std::size_t, 1>{});
+    std::int32_t* out = acc + b * int8_chunk;
+    if (b + 1 < chunks) {
+      detail::accumulate_chunk_rows<true, 8>(w[b], w[b + 1], rows, ldw, codes, second, 0, 0, tokens,
+                                             ldv, out, ldacc);
+    } else {
+      detail::accumulate_chunk_rows<false, 8>(w[b], w[b], rows, ldw, codes, second, 0, 0, tokens,
+                                              ldv, out, ldacc);
     }
   }
 #else
   reference::accumulate_u8s8(w, rows, ldw, v, tokens, ldv, chunks, chunk_stride, acc, ldacc);
 #endif
+}
+
+// accumulate_u8s8 on planar Bits-bit codes (quant::Kivi's values; the layout of dot_planar):
+// acc[r·ldacc + c] = Σ_j w[c / 32][r·ldw + j] · code_j(c) for c < d. Each 32-channel chunk
+// is 32 bytes of one plane shifted and masked in registers on its way into vpdpbusd — the
+// codes are never widened into a scratch row. VNNI where dot_planar_fits<Bits>(d), else the
+// reference.
+template <unsigned Bits>
+inline void accumulate_planar(const std::uint8_t* const* w, std::size_t rows, std::size_t ldw,
+                              const std::uint8_t* v, std::size_t tokens, std::size_t ldv,
+                              std::size_t d, std::int32_t* acc, std::size_t ldacc) noexcept {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+  if (dot_planar_fits<Bits>(d)) {
+    const std::size_t stride = d * Bits / 8;  // bytes per plane
+    const std::size_t chunks = d / int8_chunk;
+    const auto* codes = reinterpret_cast<const std::int8_t*>(v);
+    // Chunk b (channels [32b, 32b + 32)) is bytes [32b mod S, +32) of plane 32b / S.
+    const auto offset = [&](std::size_t b) { return b * int8_chunk % stride; };
+    const auto shift = [&](std::size_t b) {
+      return static_cast<unsigned>(b * int8_chunk / stride * Bits);
+    };
+    for (std::size_t b = 0; b < chunks; b += 2) {
+      std::int32_t* out = acc + b * int8_chunk;
+      if (b + 1 < chunks) {
+        const auto second =
+            static_cast<std::ptrdiff_t>(offset(b + 1)) - static_cast<std::ptrdiff_t>(offset(b));
+        detail::accumulate_chunk_rows<true, Bits>(w[b], w[b + 1], rows, ldw, codes + offset(b),
+                                                  second, shift(b), shift(b + 1), tokens, ldv, out,
+                                                  ldacc);
+      } else {
+        detail::accumulate_chunk_rows<false, Bits>(w[b], w[b], rows, ldw, codes + offset(b), 0,
+                                                   shift(b), shift(b), tokens, ldv, out, ldacc);
+      }
+    }
+    return;
+  }
+#endif
+  reference::accumulate_planar<Bits>(w, rows, ldw, v, tokens, ldv, d, acc, ldacc);
 }
 
 }  // namespace kvc::simd
