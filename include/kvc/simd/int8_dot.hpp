@@ -480,11 +480,69 @@ inline void dot_planar_block(const std::int8_t* q, std::size_t d, const std::uin
   });
 }
 
+// dot_planar_block on eight tokens with zmm: each register holds a pair of tokens (token 2p
+// in the low 256 bits, 2p + 1 in the high), the query row broadcast to both halves, so one
+// vpdpbusd serves two tokens — half the shifts, masks and multiply-adds of the ymm block
+// per token. 16 accumulators, 4 raw and 4 code vectors, a query, the mask: 26 registers.
+template <unsigned Bits, std::size_t Rows>
+inline void dot_planar_block_8(const std::int8_t* q, std::size_t d, const std::uint8_t* k,
+                               std::size_t ldk, std::int32_t* dots, std::size_t ldo) noexcept {
+  constexpr unsigned planes = 8 / Bits;
+  constexpr std::size_t pairs = 4;
+  const std::size_t stride = d * Bits / 8;
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1U << Bits) - 1U));
+  __m512i acc[Rows][pairs];
+  unroll<Rows>([&](auto r) KVC_SIMD_ALWAYS_INLINE {
+    unroll<pairs>([&](auto p) KVC_SIMD_ALWAYS_INLINE { acc[r][p] = _mm512_setzero_si512(); });
+  });
+  for (std::size_t i = 0; i < stride; i += int8_chunk) {
+    __m512i raw[pairs];
+    unroll<pairs>([&](auto p) KVC_SIMD_ALWAYS_INLINE {
+      const std::uint8_t* even = k + 2 * p * ldk + i;
+      raw[p] = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(even))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + ldk)), 1);
+    });
+    unroll<planes>([&](auto plane) KVC_SIMD_ALWAYS_INLINE {
+      __m512i code[pairs];
+      unroll<pairs>([&](auto p) KVC_SIMD_ALWAYS_INLINE {
+        code[p] = _mm512_and_si512(_mm512_srli_epi16(raw[p], plane * Bits), mask);
+      });
+      unroll<Rows>([&](auto r) KVC_SIMD_ALWAYS_INLINE {
+        const __m512i query = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * d + plane * stride + i)));
+        unroll<pairs>([&](auto p) KVC_SIMD_ALWAYS_INLINE {
+          acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], code[p], query);
+        });
+      });
+    });
+  }
+  // Per row: the four registers' 128-bit lanes summed to [Σ pair 0..3] per lane (lanes 0, 1:
+  // the even tokens, 2, 3: the odd), the two lanes of each half added, then even and odd
+  // interleaved into token order.
+  const __m512i token_order = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 0, 0, 0, 0, 0, 0, 0, 0);
+  unroll<Rows>([&](auto r) KVC_SIMD_ALWAYS_INLINE {
+    const __m512i* a = acc[r];
+    const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]),
+                                        _mm512_unpackhi_epi32(a[0], a[1]));
+    const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]),
+                                        _mm512_unpackhi_epi32(a[2], a[3]));
+    const __m512i lanes =
+        _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+    const __m512i halves = _mm512_add_epi32(lanes, _mm512_shuffle_i32x4(lanes, lanes, 0xB1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots + r * ldo),
+                        _mm512_castsi512_si256(_mm512_permutexvar_epi32(token_order, halves)));
+  });
+}
+
 template <unsigned Bits, std::size_t Rows>
 inline void dot_planar_rows(const std::int8_t* q, std::size_t d, const std::uint8_t* k,
                             std::size_t tokens, std::size_t ldk, std::int32_t* dots,
                             std::size_t ldo) noexcept {
   std::size_t j = 0;
+  for (; j + 8 <= tokens; j += 8) {
+    dot_planar_block_8<Bits, Rows>(q, d, k + j * ldk, ldk, dots + j, ldo);
+  }
   for (; j + 4 <= tokens; j += 4) {
     dot_planar_block<Bits, Rows, 4>(q, d, k + j * ldk, ldk, dots + j, ldo);
   }
