@@ -48,44 +48,49 @@ TEST_CASE("dot_s8_scaled matches its reference and float64 on every shape", "[si
   for (std::size_t block : {16, 32, 64, 128}) {
     for (std::size_t d : {32, 64, 128, 192, 256, 320}) {
       if (d % block != 0) continue;
-      for (std::size_t rows : {1, 3, 4, 5}) {
-        for (std::size_t tokens : {1, 3, 4, 9}) {
-          const std::size_t ldk = d + 7, lds = d / block + 1, ldo = tokens + 2;
-          std::vector<std::int8_t> q(rows * d), k(tokens * ldk + 1);
-          for (auto& x : q) x = static_cast<std::int8_t>(code(rng));
-          for (auto& x : k) x = static_cast<std::int8_t>(code(rng));
-          std::vector<float> scales(tokens * lds);
-          for (std::size_t i = 0; i < scales.size(); ++i) {
-            // powers of two (BFP's steps) and arbitrary fp32 scales
-            scales[i] = i % 3 == 2 ? normal(rng) : std::ldexp(1.0F, exponent(rng));
-          }
-          std::vector<float> got(rows * ldo, -1.0F), expected(rows * ldo, -1.0F);
-          const std::int8_t* keys = k.data() + 1;  // unaligned
-          kvc::simd::dot_s8_scaled(q.data(), rows, d, keys, tokens, ldk, scales.data(), block, lds,
-                                   got.data(), ldo);
-          kvc::simd::reference::dot_s8_scaled(q.data(), rows, d, keys, tokens, ldk, scales.data(),
-                                              block, lds, expected.data(), ldo);
-          for (std::size_t r = 0; r < rows; ++r) {
-            for (std::size_t j = 0; j < ldo; ++j) {
-              if (j >= tokens) {  // untouched
-                REQUIRE(got[r * ldo + j] == -1.0F);
-                continue;
-              }
-              double exact = 0, magnitude = 0;
-              for (std::size_t b = 0; b < d / block; ++b) {
-                double dot = 0;
-                for (std::size_t c = b * block; c < (b + 1) * block; ++c) {
-                  const double term = double(q[r * d + c]) * keys[j * ldk + c];
-                  dot += term;
-                  magnitude += std::abs(double(scales[j * lds + b]) * term);
+      // Contiguous rows, and chunks of 32 codes 34 bytes apart (q8_0's blocks read in place).
+      for (std::size_t chunk_stride : {32, 34}) {
+        for (std::size_t rows : {1, 3, 4, 5}) {
+          for (std::size_t tokens : {1, 3, 4, 9}) {
+            const std::size_t ldk = d / 32 * chunk_stride + 7, lds = d / block + 1,
+                              ldo = tokens + 2;
+            std::vector<std::int8_t> q(rows * d), k(tokens * ldk + 1);
+            for (auto& x : q) x = static_cast<std::int8_t>(code(rng));
+            for (auto& x : k) x = static_cast<std::int8_t>(code(rng));
+            std::vector<float> scales(tokens * lds);
+            for (std::size_t i = 0; i < scales.size(); ++i) {
+              // powers of two (BFP's steps) and arbitrary fp32 scales
+              scales[i] = i % 3 == 2 ? normal(rng) : std::ldexp(1.0F, exponent(rng));
+            }
+            std::vector<float> got(rows * ldo, -1.0F), expected(rows * ldo, -1.0F);
+            const std::int8_t* keys = k.data() + 1;  // unaligned
+            kvc::simd::dot_s8_scaled(q.data(), rows, d, keys, tokens, ldk, scales.data(), block,
+                                     lds, got.data(), ldo, chunk_stride);
+            kvc::simd::reference::dot_s8_scaled(q.data(), rows, d, keys, tokens, ldk, scales.data(),
+                                                block, lds, expected.data(), ldo, chunk_stride);
+            for (std::size_t r = 0; r < rows; ++r) {
+              for (std::size_t j = 0; j < ldo; ++j) {
+                if (j >= tokens) {  // untouched
+                  REQUIRE(got[r * ldo + j] == -1.0F);
+                  continue;
                 }
-                exact += double(scales[j * lds + b]) * dot;
+                double exact = 0, magnitude = 0;
+                for (std::size_t b = 0; b < d / block; ++b) {
+                  double dot = 0;
+                  for (std::size_t c = b * block; c < (b + 1) * block; ++c) {
+                    const double term =
+                        double(q[r * d + c]) * keys[j * ldk + c / 32 * chunk_stride + c % 32];
+                    dot += term;
+                    magnitude += std::abs(double(scales[j * lds + b]) * term);
+                  }
+                  exact += double(scales[j * lds + b]) * dot;
+                }
+                // Exact int32 sums per block (reference) or per 4 channels (VNNI), one rounding
+                // each when scaled, then fp32 sums: ≤ d · 2^−24 relative to Σ|terms|.
+                const double tolerance = 1e-5 * magnitude + 1e-30;
+                REQUIRE(std::abs(got[r * ldo + j] - exact) <= tolerance);
+                REQUIRE(std::abs(expected[r * ldo + j] - exact) <= tolerance);
               }
-              // Exact int32 sums per block (reference) or per 4 channels (VNNI), one rounding
-              // each when scaled, then fp32 sums: ≤ d · 2^−24 relative to Σ|terms|.
-              const double tolerance = 1e-5 * magnitude + 1e-30;
-              REQUIRE(std::abs(got[r * ldo + j] - exact) <= tolerance);
-              REQUIRE(std::abs(expected[r * ldo + j] - exact) <= tolerance);
             }
           }
         }

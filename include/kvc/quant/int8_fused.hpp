@@ -106,7 +106,8 @@ void int8_fused_scores(const ScoreTile& tile, const Layout& layout) noexcept {
 // row: s[r][j] = sq_r · Σ_b scale_jb · Σ_{c in b} q̂[r][c]·k[j][c] (simd::dot_s8_scaled).
 inline void block_scaled_scores(const ScoreTile& tile, std::size_t t0, const std::int8_t* codes,
                                 std::size_t tokens, std::size_t ldk, const float* scales,
-                                std::size_t block, std::size_t blocks) noexcept {
+                                std::size_t block, std::size_t blocks,
+                                std::size_t chunk_stride = simd::int8_chunk) noexcept {
   const std::size_t d = tile.head_dim;
   std::array<std::int8_t, fused_rows * fused_max_head_dim> query_codes;
   std::array<float, fused_rows> query_scales;
@@ -116,7 +117,7 @@ inline void block_scaled_scores(const ScoreTile& tile, std::size_t t0, const std
         query_codes_of(tile, r0, count, query_codes.data(), query_scales.data());
     float* scores = tile.scores + r0 * tile.scores_stride + t0;
     simd::dot_s8_scaled(q_codes, count, d, codes, tokens, ldk, scales, block, blocks, scores,
-                        tile.scores_stride);
+                        tile.scores_stride, chunk_stride);
     for (std::size_t r = 0; r < count; ++r) {
       float* __restrict row_scores = scores + r * tile.scores_stride;
       const float query_scale = q_scales[r];
@@ -127,10 +128,10 @@ inline void block_scaled_scores(const ScoreTile& tile, std::size_t t0, const std
 
 // Formats with a scale per block of 32·k channels (Int8<32>, q8_0): each block's q·k exact
 // in int32 and scaled by the key's block scale in fp32 (simd::dot_s8_scaled), then by the
-// query row's scale. dot_s8_scaled wants each token's codes as one int8 row: a row whose
-// chunks are not contiguous (q8_0 keeps a scale before each), or whose codes are not bytes
-// (q4_0: Layout::gather_codes), is gathered into the scratch first (tile.tokens · d bytes,
-// within the page_tokens · d floats the tile may use).
+// query row's scale. dot_s8_scaled reads each token's 32-channel chunks in place, also where
+// they are not contiguous (q8_0 keeps a scale before each: chunk_stride 34); codes that are
+// not bytes (q4_0: Layout::gather_codes) are widened into the scratch first (tile.tokens · d
+// bytes, within the page_tokens · d floats the tile may use).
 template <class Layout>
 void int8_fused_block_scores(const ScoreTile& tile, const Layout& layout) noexcept {
   constexpr std::size_t max_chunks = fused_max_head_dim / simd::int8_chunk;
@@ -150,6 +151,7 @@ void int8_fused_block_scores(const ScoreTile& tile, const Layout& layout) noexce
     }
     const std::int8_t* codes = reinterpret_cast<const std::int8_t*>(rows + layout.code_offset);
     std::size_t ldk = layout.stride;
+    std::size_t chunk_stride = simd::int8_chunk;
     if constexpr (requires { Layout::gather_codes(rows, d, gathered); }) {
       // Codes that are not bytes (q4_0's nibbles): the layout widens them to int8.
       for (std::size_t j = 0; j < tokens; ++j) {
@@ -158,17 +160,11 @@ void int8_fused_block_scores(const ScoreTile& tile, const Layout& layout) noexce
       codes = gathered;
       ldk = d;
     } else if (!contiguous) {
-      for (std::size_t j = 0; j < tokens; ++j) {
-        const std::byte* row = rows + j * layout.stride + layout.code_offset;
-        for (std::size_t c = 0; c < d; c += simd::int8_chunk) {
-          std::memcpy(gathered + j * d + c, row + c / simd::int8_chunk * layout.chunk_stride,
-                      simd::int8_chunk);
-        }
-      }
-      codes = gathered;
-      ldk = d;
+      // Chunks apart (q8_0: a scale before each): dot_s8_scaled reads them in place.
+      chunk_stride = layout.chunk_stride;
     }
-    block_scaled_scores(tile, t0, codes, tokens, ldk, key_scales.data(), block, blocks);
+    block_scaled_scores(tile, t0, codes, tokens, ldk, key_scales.data(), block, blocks,
+                        chunk_stride);
   }
 }
 

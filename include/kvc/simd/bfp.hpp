@@ -13,8 +13,10 @@
 //   expand_nibbles(packed, out, n)        n 4-bit codes → n int8 (n even)
 //   dequantize_bfp<b, m>(row, out, d)     one row → d floats, bit for bit the reference
 //                                         (q · step is exact in fp32: ≤ 8 significant bits)
-//   dot_s8_scaled(q, rows, d, k, tokens, ldk, scales, block, lds, scores, ldo)
-//       scores[r·ldo + j] = Σ_b scales[j·lds + b] · Σ_{c in block b} q[r·d + c]·k[j·ldk + c]
+//   dot_s8_scaled(q, rows, d, k, tokens, ldk, scales, block, lds, scores, ldo[, chunk_stride])
+//       scores[r·ldo + j] = Σ_b scales[j·lds + b] · Σ_{c in block b} q[r·d + c]·k_j(c), where
+//       k_j(c) = k[j·ldk + (c / 32)·chunk_stride + c mod 32]: a token's codes in chunks of 32,
+//       chunk_stride bytes apart (32: one contiguous row; 34: q8_0's blocks, read in place)
 //       Each block's sum is an exact int32 converted exactly to fp32 (|Σ| < 2^24 for
 //       blocks of ≤ 64 channels), then scaled and summed in fp32 (in another order than the
 //       reference: they differ by fp32 rounding only).
@@ -84,14 +86,15 @@ inline void dequantize_bfp(const std::byte* row, float* out, std::size_t d) noex
 inline void dot_s8_scaled(const std::int8_t* q, std::size_t rows, std::size_t d,
                           const std::int8_t* k, std::size_t tokens, std::size_t ldk,
                           const float* scales, std::size_t block, std::size_t lds, float* scores,
-                          std::size_t ldo) noexcept {
+                          std::size_t ldo, std::size_t chunk_stride = int8_chunk) noexcept {
   for (std::size_t r = 0; r < rows; ++r) {
     for (std::size_t j = 0; j < tokens; ++j) {
       float sum = 0.0F;
       for (std::size_t b = 0; b < d / block; ++b) {
         std::int32_t dot = 0;
         for (std::size_t c = b * block; c < (b + 1) * block; ++c) {
-          dot += std::int32_t{q[r * d + c]} * k[j * ldk + c];
+          dot += std::int32_t{q[r * d + c]} *
+                 k[j * ldk + c / int8_chunk * chunk_stride + c % int8_chunk];
         }
         sum += scales[j * lds + b] * static_cast<float>(dot);
       }
@@ -179,9 +182,9 @@ namespace detail {
 // its block's step (fma into the row's fp32 accumulator).
 template <std::size_t Rows, std::size_t Tokens>
 inline void dot_s8_scaled_block(const std::int8_t* q, std::size_t d, const __m512i* neg_bias,
-                                const std::int8_t* k, std::size_t ldk, const float* scales,
-                                std::size_t block, std::size_t lds, float* scores,
-                                std::size_t ldo) noexcept {
+                                const std::int8_t* k, std::size_t ldk, std::size_t chunk_stride,
+                                const float* scales, std::size_t block, std::size_t lds,
+                                float* scores, std::size_t ldo) noexcept {
   using batch = xsimd::batch<float, default_arch>;
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
   // Lane i of a 64-channel step covers channels 4i..4i + 3 of it: block 4i / block (block ≤
@@ -199,7 +202,16 @@ inline void dot_s8_scaled_block(const std::int8_t* q, std::size_t d, const __m51
     __m512i key[Tokens];
     __m512 scale[Tokens];
     unroll<Tokens>([&](auto t) KVC_SIMD_ALWAYS_INLINE {
-      key[t] = _mm512_xor_si512(_mm512_loadu_si512(k + t * ldk + c), sign);
+      // Channels c..c + 63: one load from a contiguous row, else its two 32-channel chunks.
+      const std::int8_t* chunk = k + t * ldk + c / int8_chunk * chunk_stride;
+      const __m512i codes =
+          chunk_stride == int8_chunk
+              ? _mm512_loadu_si512(chunk)
+              : _mm512_inserti64x4(
+                    _mm512_castsi256_si512(
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk))),
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + chunk_stride)), 1);
+      key[t] = _mm512_xor_si512(codes, sign);
       scale[t] =
           _mm512_permutexvar_ps(index, _mm512_maskz_loadu_ps(mask, scales + t * lds + c / block));
     });
@@ -226,9 +238,9 @@ inline void dot_s8_scaled_block(const std::int8_t* q, std::size_t d, const __m51
 
 template <std::size_t Rows>
 inline void dot_s8_scaled_rows(const std::int8_t* q, std::size_t d, const std::int8_t* k,
-                               std::size_t tokens, std::size_t ldk, const float* scales,
-                               std::size_t block, std::size_t lds, float* scores,
-                               std::size_t ldo) noexcept {
+                               std::size_t tokens, std::size_t ldk, std::size_t chunk_stride,
+                               const float* scales, std::size_t block, std::size_t lds,
+                               float* scores, std::size_t ldo) noexcept {
   constexpr std::size_t max_steps = 4;  // d ≤ 256
   __m512i neg_bias[Rows * max_steps];
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -241,12 +253,12 @@ inline void dot_s8_scaled_rows(const std::int8_t* q, std::size_t d, const std::i
   }
   std::size_t j = 0;
   for (; j + 4 <= tokens; j += 4) {
-    dot_s8_scaled_block<Rows, 4>(q, d, neg_bias, k + j * ldk, ldk, scales + j * lds, block, lds,
-                                 scores + j, ldo);
+    dot_s8_scaled_block<Rows, 4>(q, d, neg_bias, k + j * ldk, ldk, chunk_stride, scales + j * lds,
+                                 block, lds, scores + j, ldo);
   }
   for (; j < tokens; ++j) {
-    dot_s8_scaled_block<Rows, 1>(q, d, neg_bias, k + j * ldk, ldk, scales + j * lds, block, lds,
-                                 scores + j, ldo);
+    dot_s8_scaled_block<Rows, 1>(q, d, neg_bias, k + j * ldk, ldk, chunk_stride, scales + j * lds,
+                                 block, lds, scores + j, ldo);
   }
 }
 
@@ -262,18 +274,18 @@ constexpr bool dot_s8_scaled_fits(std::size_t d, std::size_t block) noexcept {
 inline void dot_s8_scaled(const std::int8_t* q, std::size_t rows, std::size_t d,
                           const std::int8_t* k, std::size_t tokens, std::size_t ldk,
                           const float* scales, std::size_t block, std::size_t lds, float* scores,
-                          std::size_t ldo) noexcept {
+                          std::size_t ldo, std::size_t chunk_stride = int8_chunk) noexcept {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
   if (dot_s8_scaled_fits(d, block)) {
     std::size_t r = 0;
     for (; r + 4 <= rows; r += 4) {
-      detail::dot_s8_scaled_rows<4>(q + r * d, d, k, tokens, ldk, scales, block, lds,
+      detail::dot_s8_scaled_rows<4>(q + r * d, d, k, tokens, ldk, chunk_stride, scales, block, lds,
                                     scores + r * ldo, ldo);
     }
     const std::size_t left = rows - r;
     const auto run = [&]<std::size_t Rows>(std::integral_constant<std::size_t, Rows>) {
-      detail::dot_s8_scaled_rows<Rows>(q + r * d, d, k, tokens, ldk, scales, block, lds,
-                                       scores + r * ldo, ldo);
+      detail::dot_s8_scaled_rows<Rows>(q + r * d, d, k, tokens, ldk, chunk_stride, scales, block,
+                                       lds, scores + r * ldo, ldo);
     };
     if (left == 3) run(std::integral_constant<std::size_t, 3>{});
     if (left == 2) run(std::integral_constant<std::size_t, 2>{});
@@ -281,7 +293,8 @@ inline void dot_s8_scaled(const std::int8_t* q, std::size_t rows, std::size_t d,
     return;
   }
 #endif
-  reference::dot_s8_scaled(q, rows, d, k, tokens, ldk, scales, block, lds, scores, ldo);
+  reference::dot_s8_scaled(q, rows, d, k, tokens, ldk, scales, block, lds, scores, ldo,
+                           chunk_stride);
 }
 
 }  // namespace kvc::simd
