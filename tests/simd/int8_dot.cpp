@@ -21,6 +21,24 @@ std::vector<std::int8_t> random_codes(std::mt19937& rng, std::size_t n) {
   return out;
 }
 
+// Random u8 weight rows per chunk (rows · tokens each) and the per-chunk pointers the
+// accumulate kernels take: every chunk its own rows, or (shared) all chunks the first one's.
+struct ChunkWeights {
+  std::vector<std::vector<std::uint8_t>> rows;
+  std::vector<const std::uint8_t*> pointers;
+};
+ChunkWeights random_chunk_weights(std::mt19937& rng, std::size_t chunks, std::size_t size,
+                                  bool shared) {
+  std::uniform_int_distribution<int> byte(0, 255);
+  ChunkWeights w{std::vector<std::vector<std::uint8_t>>(chunks, std::vector<std::uint8_t>(size)),
+                 std::vector<const std::uint8_t*>(chunks)};
+  for (auto& row : w.rows) {
+    for (auto& x : row) x = static_cast<std::uint8_t>(byte(rng));
+  }
+  for (std::size_t b = 0; b < chunks; ++b) w.pointers[b] = w.rows[shared ? 0 : b].data();
+  return w;
+}
+
 }  // namespace
 
 TEST_CASE("int8_dot references by hand", "[simd][int8_dot]") {
@@ -128,7 +146,6 @@ TEST_CASE("dot_s8 equals its reference over the whole int8 range", "[simd][int8_
 TEST_CASE("accumulate_u8s8 equals its reference for shared and per-chunk weights",
           "[simd][int8_dot]") {
   std::mt19937 rng(7);
-  std::uniform_int_distribution<int> byte(0, 255);
   for (std::size_t chunks : {1, 2, 3, 4, 8}) {
     for (std::size_t chunk_stride : {32, 34}) {  // Int8 rows and q8_0 blocks
       for (bool shared : {true, false}) {
@@ -136,13 +153,8 @@ TEST_CASE("accumulate_u8s8 equals its reference for shared and per-chunk weights
           for (std::size_t tokens : {0, 1, 2, 3, 4, 7, 64}) {
             const std::size_t ldv = chunks * chunk_stride + 6;
             const auto v = random_codes(rng, tokens * ldv + 2);
-            std::vector<std::vector<std::uint8_t>> w(chunks,
-                                                     std::vector<std::uint8_t>(rows * tokens + 1));
-            for (auto& row : w) {
-              for (auto& x : row) x = static_cast<std::uint8_t>(byte(rng));
-            }
-            std::vector<const std::uint8_t*> pointers(chunks);
-            for (std::size_t b = 0; b < chunks; ++b) pointers[b] = w[shared ? 0 : b].data();
+            const auto w = random_chunk_weights(rng, chunks, rows * tokens + 1, shared);
+            const auto& pointers = w.pointers;
             const std::size_t ldacc = chunks * 32 + 3;
             std::vector<std::int32_t> got(rows * ldacc, -5), want(rows * ldacc, -5);
             kvc::simd::accumulate_u8s8(pointers.data(), rows, tokens, v.data() + 2, tokens, ldv,
@@ -219,7 +231,6 @@ TEST_CASE("dot_planar reference reads Kivi's planar layout (hand-built)", "[simd
 TEST_CASE("accumulate_planar equals its reference for 2- and 4-bit planar codes",
           "[simd][int8_dot]") {
   std::mt19937 rng(11);
-  std::uniform_int_distribution<int> byte(0, 255);
   const auto check = [&]<unsigned Bits>(std::size_t d) {
     const std::size_t chunks = d / 32;
     for (bool shared : {true, false}) {
@@ -228,13 +239,8 @@ TEST_CASE("accumulate_planar equals its reference for 2- and 4-bit planar codes"
           const std::size_t ldv = d * Bits / 8 + 5;  // rows never aligned
           const auto bytes = random_codes(rng, tokens * ldv + 1);
           const auto* v = reinterpret_cast<const std::uint8_t*>(bytes.data()) + 1;
-          std::vector<std::vector<std::uint8_t>> w(chunks,
-                                                   std::vector<std::uint8_t>(rows * tokens + 1));
-          for (auto& row : w) {
-            for (auto& x : row) x = static_cast<std::uint8_t>(byte(rng));
-          }
-          std::vector<const std::uint8_t*> pointers(chunks);
-          for (std::size_t b = 0; b < chunks; ++b) pointers[b] = w[shared ? 0 : b].data();
+          const auto w = random_chunk_weights(rng, chunks, rows * tokens + 1, shared);
+          const auto& pointers = w.pointers;
           const std::size_t ldacc = d + 3;
           std::vector<std::int32_t> got(rows * ldacc, -5), want(rows * ldacc, -5);
           kvc::simd::accumulate_planar<Bits>(pointers.data(), rows, tokens, v, tokens, ldv, d,
