@@ -523,10 +523,10 @@ inline void dot_planar_block_8(const std::int8_t* q, std::size_t d, const std::u
   const __m512i token_order = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 0, 0, 0, 0, 0, 0, 0, 0);
   unroll<Rows>([&](auto r) KVC_SIMD_ALWAYS_INLINE {
     const __m512i* a = acc[r];
-    const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]),
-                                        _mm512_unpackhi_epi32(a[0], a[1]));
-    const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]),
-                                        _mm512_unpackhi_epi32(a[2], a[3]));
+    const __m512i ab =
+        _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]), _mm512_unpackhi_epi32(a[0], a[1]));
+    const __m512i cd =
+        _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]), _mm512_unpackhi_epi32(a[2], a[3]));
     const __m512i lanes =
         _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
     const __m512i halves = _mm512_add_epi32(lanes, _mm512_shuffle_i32x4(lanes, lanes, 0xB1));
