@@ -239,6 +239,16 @@ static_assert(kvc::BudgetPlanner<kvc::budget::Uniform>);
 static_assert(kvc::Quantizer<kvc::quant::Dense<float>>);
 static_assert(kvc::Quantizer<kvc::quant::Dense<Eigen::half>>);
 static_assert(kvc::Quantizer<kvc::quant::Dense<Eigen::bfloat16>>);
+// Finer attend slices for the formats whose tiles widen codes in registers; the integer
+// paths (a setup per tile) keep the coarse ones, also behind a rotation.
+static_assert(kvc::UniformTileCost<kvc::quant::Dense<Eigen::half>> &&
+              kvc::UniformTileCost<kvc::quant::Fp8E4M3> &&
+              kvc::UniformTileCost<kvc::quant::Think<>> &&
+              kvc::UniformTileCost<kvc::quant::Rotated<kvc::quant::Dense<float>>> &&
+              !kvc::UniformTileCost<kvc::quant::Int8<>> && !kvc::UniformTileCost<kvc::quant::Q8_0> &&
+              !kvc::UniformTileCost<kvc::quant::Kivi<2>> &&
+              !kvc::UniformTileCost<kvc::quant::Rotated<kvc::quant::Q4_0>> &&
+              !kvc::UniformTileCost<archetype::Quantizer>);
 static_assert(kvc::RetrievalIndex<kvc::retrieval::Exhaustive>);
 static_assert(kvc::OffloadBackend<kvc::offload::None>);
 static_assert(kvc::ComputeBackend<kvc::backend::Cpu>);

@@ -246,6 +246,16 @@ concept FinishesOutputs = requires(const Q& quantizer, float* outputs, std::size
   quantizer.finish_outputs(outputs, rows, head_dim);
 };
 
+// Optional: `static constexpr bool uniform_tile_cost = true;` declares that a tile costs the
+// same per token at any size: its kernels work on the codes as they stream by (widened in
+// registers, simd::dot_block / axpy_block) and round or gather nothing per call. attend then
+// hands it finer slices of each page, so its prefetches interleave with the arithmetic more
+// evenly (at 16K, GQA 4, Dense<half> 225 -> 173 ns per token: docs/benchmarks.md). Tiles
+// with a setup per call (the integer paths round the query rows and weights per tile) keep
+// the coarser default, where that setup is amortized.
+template <class Q>
+concept UniformTileCost = requires { requires Q::uniform_tile_cost; };
+
 // A quantizer of token rows: every key and value row is encoded on its own.
 template <class Q>
 concept QuantizesTokens = EncodesTokens<Q> && DecodesTokens<Q> && FusedAttendKernels<Q>;

@@ -1264,8 +1264,11 @@ class KvCache {
           page_tokens,
           std::max(std::size_t{8}, std::bit_floor(budget / std::max(bytes, std::size_t{1}))));
     };
-    const std::size_t key_slice = slice_for(4096, key_bytes_);
-    const std::size_t value_slice = slice_for(8192, value_bytes_);
+    // Tiles that cost the same per token at any size (UniformTileCost) take slices of half
+    // that: 2 KiB of keys (8 slots of f16), 4 KiB of values.
+    constexpr std::size_t slice_divisor = UniformTileCost<Quant> ? 2 : 1;
+    const std::size_t key_slice = slice_for(4096 / slice_divisor, key_bytes_);
+    const std::size_t value_slice = slice_for(8192 / slice_divisor, value_bytes_);
     const std::size_t key_stream_bytes = key_bytes_ + (grouped ? sizeof(GroupId) : 0);
     prefetch_.pump(prefetch_distance);
 

@@ -25,6 +25,7 @@ namespace kvc::quant {
 template <Element T>
 struct Dense {
   using storage_type = T;
+  static constexpr bool uniform_tile_cost = true;  // tiles widen in registers (concepts.hpp)
 
   static constexpr std::string_view name() noexcept {
     if constexpr (std::is_same_v<T, float>) {

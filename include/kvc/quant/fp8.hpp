@@ -61,6 +61,7 @@ template <Fp8Format Format>
 struct Fp8 : TokenCodec<Fp8<Format>> {
   using traits = simd::Fp8Traits<Format>;
   static constexpr Fp8Format format = Format;
+  static constexpr bool uniform_tile_cost = true;  // tiles widen in registers (concepts.hpp)
 
   static constexpr std::string_view name() noexcept {
     return Format == Fp8Format::E4M3 ? "fp8_e4m3" : "fp8_e5m2";

@@ -25,6 +25,8 @@ namespace kvc::quant::detail {
 template <class Derived>
 class ProjectedKeys {
  public:
+  // Both tiles are simd::dot_block / axpy_block on fp16 rows (concepts.hpp).
+  static constexpr bool uniform_tile_cost = true;
   // The most numbers a key is stored as (encode_key's buffer lives on the stack).
   static constexpr std::size_t max_projected_dim = 1024;
 

@@ -102,6 +102,8 @@ template <Quantizer Q>
 struct Rotated {
   static constexpr std::size_t max_head_dim = 256;
   static constexpr float sqrt_max_head_dim = 16.0F;
+  // The tiles are Q's (the rotation is per query row and output row, not per tile).
+  static constexpr bool uniform_tile_cost = UniformTileCost<Q>;
 
   [[no_unique_address]] Q inner{};
 

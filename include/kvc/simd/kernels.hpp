@@ -162,6 +162,23 @@ inline void reduce_add_4(const xsimd::batch<float, Arch>& a, const xsimd::batch<
   sums[3] = reduce_add(d);
 }
 
+// Returns x from a register the optimizer cannot see into. g++ folds a load that feeds several
+// FMAs into each of them (`vfmadd231ps (mem), k, acc`): in dot_tile that is one load per FMA,
+// and the loads, not the FMAs, then bound the loop (20 loads per 16 FMAs; Zen 5 issues two
+// 512-bit loads per cycle). Loaded once and held, a query vector costs one load per Keys FMAs.
+template <class Arch>
+KVC_SIMD_ALWAYS_INLINE inline xsimd::batch<float, Arch> in_register(
+    xsimd::batch<float, Arch> x) noexcept {
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512F__)
+  if constexpr (xsimd::batch<float, Arch>::size == 16) {
+    __m512 held = x;
+    asm("" : "+v"(held));
+    return held;
+  }
+#endif
+  return x;
+}
+
 // dot_block on Rows query rows × Keys keys: Rows·Keys accumulators in registers, so each key
 // vector loaded (and widened) serves Rows rows and each query vector serves Keys keys.
 template <std::size_t Rows, std::size_t Keys, class Arch, class T>
@@ -179,7 +196,7 @@ inline void dot_tile(const float* q, std::size_t ldq, const T* k, std::size_t ld
     unroll<Keys>([&](auto j)
                      KVC_SIMD_ALWAYS_INLINE { key[j] = load_as_float<Arch>(k + j * ldk + c); });
     unroll<Rows>([&](auto r) KVC_SIMD_ALWAYS_INLINE {
-      const batch query = batch::load_unaligned(q + r * ldq + c);
+      const batch query = in_register<Arch>(batch::load_unaligned(q + r * ldq + c));
       unroll<Keys>(
           [&](auto j) KVC_SIMD_ALWAYS_INLINE { acc[r][j] = xsimd::fma(query, key[j], acc[r][j]); });
     });
@@ -257,8 +274,10 @@ inline void axpy_rows(const float* p, std::size_t ldp, const T* v, std::size_t n
                       std::size_t ldv, std::size_t d, float* acc, std::size_t ldacc) noexcept {
   constexpr std::size_t lanes = xsimd::batch<float, Arch>::size;
   // Rows·Vectors accumulators plus Vectors values plus a weight must fit in the registers:
-  // 2 rows × 8 vectors on AVX-512 (d = 128 in one pass), 2 × 4 elsewhere.
-  constexpr std::size_t vectors = vector_registers<Arch> >= 32 ? 8 : 4;
+  // 32 accumulators at most on AVX-512 (4 rows × 4 vectors, 2 × 8: d = 128 in one pass),
+  // 8 elsewhere (2 × 4).
+  constexpr std::size_t accumulators = vector_registers<Arch> >= 32 ? 16 : 8;
+  constexpr std::size_t vectors = Rows >= 4 ? accumulators / 4 : accumulators / 2;
   const std::size_t vector_end = d / lanes * lanes;
   std::size_t c = 0;
   for (; c + vectors * lanes <= vector_end; c += vectors * lanes) {
@@ -400,15 +419,21 @@ inline void dot_block(const float* q, std::size_t rows, std::size_t ldq, const T
 }
 
 // acc[r·ldacc + c] += Σ_j p[r·ldp + j] · v[j·ldv + c] for r < rows, c < d, j < n_values; v in
-// float, Eigen::half or Eigen::bfloat16 (widened in registers). Two accumulator rows × up to
-// 8 batches of columns (128 on AVX-512; 4 batches, i.e. 32 on AVX2 and 16 on SSE2) stay in
-// registers across all j, so the accumulators are read and written once per tile and each
-// value vector serves both rows.
+// float, Eigen::half or Eigen::bfloat16 (widened in registers). Up to 16 accumulator batches
+// on AVX-512 (4 rows × 4 batches of columns, or 2 × 8; elsewhere 2 × 4) stay in registers
+// across all j, so the accumulators are read and written once per tile and each value
+// vector loaded serves every row of the pass.
 template <class Arch = default_arch, class T = float>
 inline void axpy_block(const float* p, std::size_t rows, std::size_t ldp, const T* v,
                        std::size_t n_values, std::size_t ldv, std::size_t d, float* acc,
                        std::size_t ldacc) noexcept {
   std::size_t r = 0;
+  if constexpr (detail::vector_registers<Arch> >= 32) {
+    // Four rows a pass: each value vector loaded and widened serves all four (GQA 4 decode).
+    for (; r + 4 <= rows; r += 4) {
+      detail::axpy_rows<4, Arch>(p + r * ldp, ldp, v, n_values, ldv, d, acc + r * ldacc, ldacc);
+    }
+  }
   for (; r + 2 <= rows; r += 2) {
     detail::axpy_rows<2, Arch>(p + r * ldp, ldp, v, n_values, ldv, d, acc + r * ldacc, ldacc);
   }
