@@ -216,7 +216,7 @@ inline void dot_s8_scaled_block(const std::int8_t* q, std::size_t d, const __m51
           _mm512_permutexvar_ps(index, _mm512_maskz_loadu_ps(mask, scales + t * lds + c / block));
     });
     unroll<Rows>([&](auto r) KVC_SIMD_ALWAYS_INLINE {
-      const __m512i query = _mm512_loadu_si512(q + r * d + c);
+      const __m512i query = in_register(_mm512_loadu_si512(q + r * d + c));
       const __m512i bias = neg_bias[r * (d / 64) + step];
       unroll<Tokens>([&](auto t) KVC_SIMD_ALWAYS_INLINE {
         const __m512i dot = _mm512_dpbusd_epi32(bias, key[t], query);

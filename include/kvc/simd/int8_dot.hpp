@@ -203,7 +203,7 @@ inline void dot_s8_block(const std::int8_t* q, std::size_t d, const std::int32_t
       key[t] = _mm512_xor_si512(_mm512_loadu_si512(k + t * ldk + c), sign);
     });
     unroll<Rows>([&](auto r) KVC_SIMD_ALWAYS_INLINE {
-      const __m512i query = _mm512_loadu_si512(q + r * d + c);
+      const __m512i query = in_register(_mm512_loadu_si512(q + r * d + c));
       unroll<Tokens>([&](auto t) KVC_SIMD_ALWAYS_INLINE {
         acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], key[t], query);
       });
@@ -509,8 +509,8 @@ inline void dot_planar_block_8(const std::int8_t* q, std::size_t d, const std::u
         code[p] = _mm512_and_si512(_mm512_srli_epi16(raw[p], plane * Bits), mask);
       });
       unroll<Rows>([&](auto r) KVC_SIMD_ALWAYS_INLINE {
-        const __m512i query = _mm512_broadcast_i64x4(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * d + plane * stride + i)));
+        const __m512i query = in_register(_mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * d + plane * stride + i))));
         unroll<pairs>([&](auto p) KVC_SIMD_ALWAYS_INLINE {
           acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], code[p], query);
         });

@@ -166,17 +166,19 @@ inline void reduce_add_4(const xsimd::batch<float, Arch>& a, const xsimd::batch<
 // FMAs into each of them (`vfmadd231ps (mem), k, acc`): in dot_tile that is one load per FMA,
 // and the loads, not the FMAs, then bound the loop (20 loads per 16 FMAs; Zen 5 issues two
 // 512-bit loads per cycle). Loaded once and held, a query vector costs one load per Keys FMAs.
+// The integer kernels (int8_dot.hpp, bfp.hpp) hold their query registers the same way.
+template <class Register>
+KVC_SIMD_ALWAYS_INLINE inline Register in_register(Register x) noexcept {
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512F__)
+  asm("" : "+v"(x));  // "v": any of xmm/ymm/zmm 0-31, whichever x is
+#endif
+  return x;
+}
 template <class Arch>
 KVC_SIMD_ALWAYS_INLINE inline xsimd::batch<float, Arch> in_register(
     xsimd::batch<float, Arch> x) noexcept {
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__AVX512F__)
-  if constexpr (xsimd::batch<float, Arch>::size == 16) {
-    __m512 held = x;
-    asm("" : "+v"(held));
-    return held;
-  }
-#endif
-  return x;
+  using register_type = typename xsimd::batch<float, Arch>::register_type;
+  return in_register(static_cast<register_type>(x));
 }
 
 // dot_block on Rows query rows × Keys keys: Rows·Keys accumulators in registers, so each key
