@@ -222,6 +222,8 @@ TEST_CASE("bad recipes throw ValueError naming the bad token and what exists", "
        {"unknown quantizer 'h3o' in recipe 'h2o:budget=0.25+h3o'", "QUANTIZERS"}},
       {"int8:group=16", {"no quantizer 'int8' with group=16", "group=0|32"}},
       {"q4_0:group=32", {"unknown parameter 'group' for quantizer 'q4_0'", "no parameters"}},
+      {"kivi:bits=3", {"no quantizer 'kivi' with bits=3", "bits=2|4"}},
+      {"think:rank=8", {"unknown parameter 'rank' for quantizer 'think'", "lambda"}},
       {"snapkv:budget=64,windw=8",
        {"unknown parameter 'windw' for scorer 'snapkv'",
         "snapkv takes: budget, planner, window, kernel, pooling"}},
@@ -603,7 +605,8 @@ TEST_CASE("the catalog's names and keys do not collide", "[recipe]") {
                                          "keydiff", "keyformer", "lazy", "cake", "windowkv", "duo",
                                          "d2o"});
   CHECK(quantizers == std::set<std::string>{"f32", "f16", "bf16", "int8", "q8_0", "q4_0",
-                                            "rot_q4_0", "fp8", "fp8_e5m2"});
+                                            "rot_q4_0", "fp8", "fp8_e5m2", "kivi", "lowrank",
+                                            "think"});
   for (const std::string& name : scorers) CHECK(quantizers.count(name) == 0);
   for (const std::string& key : planner_keys) CHECK(scorer_keys.count(key) == 0);
 }
@@ -675,6 +678,59 @@ TEST_CASE("quantizer names map to their types and bytes per token", "[recipe]") 
   }
   CHECK(std::is_sorted(bytes.rbegin(), bytes.rend()));
   CHECK(std::adjacent_find(bytes.begin(), bytes.end()) == bytes.end());
+}
+
+namespace {
+
+// A recipe of a quantizer that keeps fp32 rows beside its codes (GroupsKeys, FitsKeys) is the
+// KvCache it names, bit for bit, alone and under an evicting scorer; `observe_window`
+// reaches the fit of a quantizer that fits at observe (think).
+template <class Quant>
+void check_windowed_quantizer(const std::string& name, Quant quant = {},
+                              std::size_t observe_window = 0) {
+  INFO(name);
+  // A prompt past every fp32 window (kivi and lowrank: 128, think: 32), then decode steps.
+  const Workload work(small, 200, 6, 18);
+  {
+    const auto cache = kvc::make_cache(name, small);
+    kvc::KvCache<kvc::evict::Full, Quant> direct(small, {}, {}, quant);
+    check_same_cache(*cache, direct, work, observe_window);
+    CHECK(cache->stats().quantizer == Quant::name());
+  }
+  {
+    const auto cache = kvc::make_cache("snapkv:budget=96,window=16+" + name, small);
+    kvc::KvCache<kvc::evict::SnapKV, Quant> direct(
+        small, {.budget = kvc::Budget::tokens(96)}, kvc::evict::SnapKV({.window = 16}), quant);
+    check_same_cache(*cache, direct, work, 16);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("kivi, lowrank and think recipes are their KvCaches", "[recipe]") {
+  check_windowed_quantizer<kvc::quant::Kivi<2>>("kivi");
+  check_windowed_quantizer<kvc::quant::Kivi<2>>("kivi:bits=2");
+  check_windowed_quantizer<kvc::quant::Kivi<4>>("kivi:bits=4");
+  check_windowed_quantizer<kvc::quant::LowRankKeys<>>("lowrank");
+  check_windowed_quantizer("lowrank:rank=8", kvc::quant::LowRankKeys<>(8));
+  check_windowed_quantizer<kvc::quant::Think<>>("think", {}, 16);
+  check_windowed_quantizer("think:lambda=0.75", kvc::quant::Think<>(0.75F), 16);
+  // Fewer bytes per token: 2 bits below 4, rank 8 below 32, more pruning below less.
+  const auto held = [](const std::string& name, std::size_t observe_window) {
+    const auto cache = kvc::make_cache(name, small);
+    run(*cache, cache->open_sequence(), Workload(small, 200, 0, 19), observe_window);
+    return cache->stats().bytes_held();
+  };
+  CHECK(held("kivi:bits=2", 0) < held("kivi:bits=4", 0));
+  CHECK(held("lowrank:rank=8", 0) < held("lowrank", 0));
+  CHECK(held("think:lambda=0.75", 16) < held("think", 16));
+  // Values only the policy can judge: a ValueError naming the recipe and the value.
+  CHECK_THROWS_WITH(kvc::make_cache("lowrank:rank=0", small),
+                    Catch::Contains("recipe 'lowrank:rank=0'") && Catch::Contains("rank 0"));
+  CHECK_THROWS_WITH(kvc::make_cache("think:lambda=1.5", small),
+                    Catch::Contains("recipe 'think:lambda=1.5'") && Catch::Contains("1.5"));
+  // What only the geometry decides is KvCache's own error: rank 48 > head_dim 32.
+  CHECK_THROWS_AS(kvc::make_cache("lowrank:rank=48", small), kvc::UnsupportedError);
 }
 
 // ---- a registry of one's own ---------------------------------------------------------------

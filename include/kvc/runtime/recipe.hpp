@@ -79,9 +79,12 @@
 #include <kvc/quant/dense.hpp>
 #include <kvc/quant/fp8.hpp>
 #include <kvc/quant/int8.hpp>
+#include <kvc/quant/kivi.hpp>
+#include <kvc/quant/low_rank.hpp>
 #include <kvc/quant/q4_0.hpp>
 #include <kvc/quant/q8_0.hpp>
 #include <kvc/quant/rotated.hpp>
+#include <kvc/quant/think.hpp>
 #include <kvc/retrieval/exhaustive.hpp>
 #include <kvc/runtime/any_cache.hpp>
 
@@ -671,6 +674,28 @@ struct RecipeOptions<budget::Cake> {
   }
 };
 
+template <>
+struct RecipeOptions<quant::LowRankKeys<>> {
+  static constexpr std::array parameters{RecipeParameter{
+      "rank", RecipeValue::count, "32", "r: fp16 coefficients per key, 1..256 and ≤ head_dim"}};
+  static quant::LowRankKeys<> make(const RecipeArguments& args) {
+    const std::size_t rank = args.count("rank");
+    if (rank == 0 || rank > 256) args.fail("lowrank: rank {} is out of range, expected 1..256", rank);
+    return quant::LowRankKeys<>(rank);
+  }
+};
+
+template <>
+struct RecipeOptions<quant::Think<>> {
+  static constexpr std::array parameters{RecipeParameter{
+      "lambda", RecipeValue::real, "0.4", "λ: the share of key channels pruned, in [0, 1)"}};
+  static quant::Think<> make(const RecipeArguments& args) {
+    const double lambda = args.real("lambda");
+    if (!(lambda >= 0.0 && lambda < 1.0)) args.fail("think: lambda {} is out of range, expected [0, 1)", lambda);
+    return quant::Think<>(static_cast<float>(lambda));
+  }
+};
+
 // ---- the tables: ONE entry per policy ----------------------------------------------------
 
 inline constexpr std::tuple recipe_scorers{
@@ -708,7 +733,21 @@ inline constexpr std::tuple recipe_quantizers{
     RecipeEntry<quant::Rotated<quant::Q4_0>>{
         "rot_q4_0", "q4_0 of Hadamard-rotated K/V: 1.125·d bytes (d a power of 2, ≤ 256)"},
     RecipeEntry<quant::Fp8E4M3>{"fp8", "FP8 E4M3, fp32 scale per token: 2·d + 8 bytes"},
-    RecipeEntry<quant::Fp8E5M2>{"fp8_e5m2", "FP8 E5M2, fp32 scale per token: 2·d + 8 bytes"}};
+    RecipeEntry<quant::Fp8E5M2>{"fp8_e5m2", "FP8 E5M2, fp32 scale per token: 2·d + 8 bytes"},
+    RecipeEntry<quant::Kivi<2>>{"kivi",
+                                "KIVI 2-bit: keys per channel, values per token, groups of 32, "
+                                "the newest 128 in fp32: 0.75·d bytes (d % 32 == 0)",
+                                "bits=2"},
+    RecipeEntry<quant::Kivi<4>>{"kivi",
+                                "KIVI 4-bit: keys per channel, values per token, groups of 32, "
+                                "the newest 128 in fp32: 1.25·d bytes (d % 32 == 0)",
+                                "bits=4"},
+    RecipeEntry<quant::LowRankKeys<>>{
+        "lowrank", "keys as r fp16 coefficients in a per-head SVD basis of the prefill keys, "
+                   "values fp16, the newest 128 in fp32: 2·(r + d) bytes"},
+    RecipeEntry<quant::Think<>>{"think",
+                                "ThinK: keys pruned to the channels the window queries use "
+                                "(call observe), values fp16, the newest 32 whole"}};
 
 inline constexpr RecipeRegistry default_recipes{recipe_scorers, recipe_planners, recipe_quantizers};
 
@@ -1367,8 +1406,9 @@ inline RecipeInfo::Parameter parameter_info(const RecipeParameter& parameter) {
 // explicit instantiation of build_row for row n of recipe_quantizers. The rows are listed by
 // hand (an explicit instantiation cannot be generated): when recipe_quantizers gains or loses
 // an entry, update both macros below (the static_assert after them checks).
-#define KVC_DEFAULT_RECIPE_ROW_COUNT 10
-#define KVC_DETAIL_DEFAULT_RECIPE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9)
+#define KVC_DEFAULT_RECIPE_ROW_COUNT 14
+#define KVC_DETAIL_DEFAULT_RECIPE_ROWS(X) \
+  X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13)
 
 // Explicit instantiation (definition) of row N of the default registry; at namespace scope.
 #define KVC_INSTANTIATE_DEFAULT_RECIPE_ROW(N)                                                 \
