@@ -245,7 +245,8 @@ static_assert(kvc::UniformTileCost<kvc::quant::Dense<Eigen::half>> &&
               kvc::UniformTileCost<kvc::quant::Fp8E4M3> &&
               kvc::UniformTileCost<kvc::quant::Think<>> &&
               kvc::UniformTileCost<kvc::quant::Rotated<kvc::quant::Dense<float>>> &&
-              !kvc::UniformTileCost<kvc::quant::Int8<>> && !kvc::UniformTileCost<kvc::quant::Q8_0> &&
+              !kvc::UniformTileCost<kvc::quant::Int8<>> &&
+              !kvc::UniformTileCost<kvc::quant::Q8_0> &&
               !kvc::UniformTileCost<kvc::quant::Kivi<2>> &&
               !kvc::UniformTileCost<kvc::quant::Rotated<kvc::quant::Q4_0>> &&
               !kvc::UniformTileCost<archetype::Quantizer>);

@@ -699,8 +699,8 @@ void check_windowed_quantizer(const std::string& name, Quant quant = {},
   }
   {
     const auto cache = kvc::make_cache("snapkv:budget=96,window=16+" + name, small);
-    kvc::KvCache<kvc::evict::SnapKV, Quant> direct(
-        small, {.budget = kvc::Budget::tokens(96)}, kvc::evict::SnapKV({.window = 16}), quant);
+    kvc::KvCache<kvc::evict::SnapKV, Quant> direct(small, {.budget = kvc::Budget::tokens(96)},
+                                                   kvc::evict::SnapKV({.window = 16}), quant);
     check_same_cache(*cache, direct, work, 16);
   }
 }

@@ -254,7 +254,9 @@ concept FinishesOutputs = requires(const Q& quantizer, float* outputs, std::size
 // with a setup per call (the integer paths round the query rows and weights per tile) keep
 // the coarser default, where that setup is amortized.
 template <class Q>
-concept UniformTileCost = requires { requires Q::uniform_tile_cost; };
+concept UniformTileCost = requires {
+  requires Q::uniform_tile_cost;
+};
 
 // A quantizer of token rows: every key and value row is encoded on its own.
 template <class Q>

@@ -1255,7 +1255,7 @@ class KvCache {
       }
     }
     // Tuned on Zen 5 at 16K context (docs/benchmarks.md): 16 KiB ahead; slices of about
-    // 4 KiB of keys (16 slots of f16 or int8, a whole page of kivi2) and 8 KiB of values.
+    // 4 KiB of keys (16 slots of int8, a whole page of kivi2) and 8 KiB of values.
     // Smaller slices prefetch more smoothly but pay the tile kernels' per-call setup (the
     // integer paths' query and weight rounding) more often.
     constexpr std::size_t prefetch_distance = std::size_t{16} << 10;

@@ -680,7 +680,8 @@ struct RecipeOptions<quant::LowRankKeys<>> {
       "rank", RecipeValue::count, "32", "r: fp16 coefficients per key, 1..256 and ≤ head_dim"}};
   static quant::LowRankKeys<> make(const RecipeArguments& args) {
     const std::size_t rank = args.count("rank");
-    if (rank == 0 || rank > 256) args.fail("lowrank: rank {} is out of range, expected 1..256", rank);
+    if (rank == 0 || rank > 256)
+      args.fail("lowrank: rank {} is out of range, expected 1..256", rank);
     return quant::LowRankKeys<>(rank);
   }
 };
@@ -691,7 +692,8 @@ struct RecipeOptions<quant::Think<>> {
       "lambda", RecipeValue::real, "0.4", "λ: the share of key channels pruned, in [0, 1)"}};
   static quant::Think<> make(const RecipeArguments& args) {
     const double lambda = args.real("lambda");
-    if (!(lambda >= 0.0 && lambda < 1.0)) args.fail("think: lambda {} is out of range, expected [0, 1)", lambda);
+    if (!(lambda >= 0.0 && lambda < 1.0))
+      args.fail("think: lambda {} is out of range, expected [0, 1)", lambda);
     return quant::Think<>(static_cast<float>(lambda));
   }
 };
@@ -743,8 +745,9 @@ inline constexpr std::tuple recipe_quantizers{
                                 "the newest 128 in fp32: 1.25·d bytes (d % 32 == 0)",
                                 "bits=4"},
     RecipeEntry<quant::LowRankKeys<>>{
-        "lowrank", "keys as r fp16 coefficients in a per-head SVD basis of the prefill keys, "
-                   "values fp16, the newest 128 in fp32: 2·(r + d) bytes"},
+        "lowrank",
+        "keys as r fp16 coefficients in a per-head SVD basis of the prefill keys, "
+        "values fp16, the newest 128 in fp32: 2·(r + d) bytes"},
     RecipeEntry<quant::Think<>>{"think",
                                 "ThinK: keys pruned to the channels the window queries use "
                                 "(call observe), values fp16, the newest 32 whole"}};
