@@ -276,8 +276,8 @@ inline void axpy_rows(const float* p, std::size_t ldp, const T* v, std::size_t n
                       std::size_t ldv, std::size_t d, float* acc, std::size_t ldacc) noexcept {
   constexpr std::size_t lanes = xsimd::batch<float, Arch>::size;
   // Rows·Vectors accumulators plus Vectors values plus a weight must fit in the registers:
-  // 32 accumulators at most on AVX-512 (4 rows × 4 vectors, 2 × 8: d = 128 in one pass),
-  // 8 elsewhere (2 × 4).
+  // 16 accumulators on AVX-512 (4 rows × 4 vectors, or 2 × 8: d = 128 in one pass), 8
+  // elsewhere (2 × 4).
   constexpr std::size_t accumulators = vector_registers<Arch> >= 32 ? 16 : 8;
   constexpr std::size_t vectors = Rows >= 4 ? accumulators / 4 : accumulators / 2;
   const std::size_t vector_end = d / lanes * lanes;
