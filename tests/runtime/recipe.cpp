@@ -638,24 +638,39 @@ TEST_CASE("stats bytes shrink as the budget shrinks", "[recipe]") {
 
 namespace {
 
+// A quantizer recipe is the KvCache it names, bit for bit: alone, under h2o, and under
+// snapkv with the prompt's last 16 queries observed (which is when think fits its channels).
+// The prompt outlasts every fp32 window (kivi and lowrank keep the newest 128 tokens, think
+// 32). A quantizer of token rows stores exactly key_bytes + value_bytes per token; the others
+// also hold their windows and group parameters.
 template <class Quant>
-void check_quantizer(const std::string& name) {
+void check_quantizer(const std::string& name, Quant quant = {}) {
   INFO(name);
-  const Workload work(small, 40, 3, 15);
+  const Workload work(small, 200, 6, 18);
+  constexpr std::size_t window = 16;
   {
     const auto cache = kvc::make_cache(name, small);
-    kvc::KvCache<kvc::evict::Full, Quant> direct(small);
-    check_same_cache(*cache, direct, work);
+    kvc::KvCache<kvc::evict::Full, Quant> direct(small, {}, {}, quant);
+    check_same_cache(*cache, direct, work, window);
     const kvc::CacheStats stats = cache->stats();
-    const std::size_t per_token =
-        Quant{}.key_bytes(small.head_dim) + Quant{}.value_bytes(small.head_dim);
-    CHECK(stats.code_bytes == stats.tokens_stored * per_token);
+    if constexpr (kvc::QuantizesTokens<Quant>) {
+      const std::size_t per_token =
+          quant.key_bytes(small.head_dim) + quant.value_bytes(small.head_dim);
+      CHECK(stats.code_bytes == stats.tokens_stored * per_token);
+    }
     CHECK(stats.quantizer == Quant::name());
   }
   {
     const auto cache = kvc::make_cache("h2o:budget=16+" + name, small);
-    kvc::KvCache<kvc::evict::H2O, Quant> direct(small, {.budget = kvc::Budget::tokens(16)});
+    kvc::KvCache<kvc::evict::H2O, Quant> direct(small, {.budget = kvc::Budget::tokens(16)}, {},
+                                                quant);
     check_same_cache(*cache, direct, work);
+  }
+  {
+    const auto cache = kvc::make_cache("snapkv:budget=96,window=16+" + name, small);
+    kvc::KvCache<kvc::evict::SnapKV, Quant> direct(small, {.budget = kvc::Budget::tokens(96)},
+                                                   kvc::evict::SnapKV({.window = window}), quant);
+    check_same_cache(*cache, direct, work, window);
   }
 }
 
@@ -680,41 +695,14 @@ TEST_CASE("quantizer names map to their types and bytes per token", "[recipe]") 
   CHECK(std::adjacent_find(bytes.begin(), bytes.end()) == bytes.end());
 }
 
-namespace {
-
-// A recipe of a quantizer that keeps fp32 rows beside its codes (GroupsKeys, FitsKeys) is the
-// KvCache it names, bit for bit, alone and under an evicting scorer; `observe_window`
-// reaches the fit of a quantizer that fits at observe (think).
-template <class Quant>
-void check_windowed_quantizer(const std::string& name, Quant quant = {},
-                              std::size_t observe_window = 0) {
-  INFO(name);
-  // A prompt past every fp32 window (kivi and lowrank: 128, think: 32), then decode steps.
-  const Workload work(small, 200, 6, 18);
-  {
-    const auto cache = kvc::make_cache(name, small);
-    kvc::KvCache<kvc::evict::Full, Quant> direct(small, {}, {}, quant);
-    check_same_cache(*cache, direct, work, observe_window);
-    CHECK(cache->stats().quantizer == Quant::name());
-  }
-  {
-    const auto cache = kvc::make_cache("snapkv:budget=96,window=16+" + name, small);
-    kvc::KvCache<kvc::evict::SnapKV, Quant> direct(small, {.budget = kvc::Budget::tokens(96)},
-                                                   kvc::evict::SnapKV({.window = 16}), quant);
-    check_same_cache(*cache, direct, work, 16);
-  }
-}
-
-}  // namespace
-
 TEST_CASE("kivi, lowrank and think recipes are their KvCaches", "[recipe]") {
-  check_windowed_quantizer<kvc::quant::Kivi<2>>("kivi");
-  check_windowed_quantizer<kvc::quant::Kivi<2>>("kivi:bits=2");
-  check_windowed_quantizer<kvc::quant::Kivi<4>>("kivi:bits=4");
-  check_windowed_quantizer<kvc::quant::LowRankKeys<>>("lowrank");
-  check_windowed_quantizer("lowrank:rank=8", kvc::quant::LowRankKeys<>(8));
-  check_windowed_quantizer<kvc::quant::Think<>>("think", {}, 16);
-  check_windowed_quantizer("think:lambda=0.75", kvc::quant::Think<>(0.75F), 16);
+  check_quantizer<kvc::quant::Kivi<2>>("kivi");
+  check_quantizer<kvc::quant::Kivi<2>>("kivi:bits=2");
+  check_quantizer<kvc::quant::Kivi<4>>("kivi:bits=4");
+  check_quantizer<kvc::quant::LowRankKeys<>>("lowrank");
+  check_quantizer("lowrank:rank=8", kvc::quant::LowRankKeys<>(8));
+  check_quantizer<kvc::quant::Think<>>("think");
+  check_quantizer("think:lambda=0.75", kvc::quant::Think<>(0.75F));
   // Fewer bytes per token: 2 bits below 4, rank 8 below 32, more pruning below less.
   const auto held = [](const std::string& name, std::size_t observe_window) {
     const auto cache = kvc::make_cache(name, small);

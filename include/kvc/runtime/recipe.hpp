@@ -144,6 +144,13 @@ struct RecipeAmount {
 
 namespace detail {
 
+// The ValueError of RecipeArguments::fail: its message already names the recipe, so
+// validate_policy passes it on as it is (a policy's own errors it wraps).
+class RecipeValueError : public ValueError {
+ public:
+  using ValueError::ValueError;
+};
+
 inline bool is_digits(std::string_view text) noexcept {
   return !text.empty() &&
          std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; });
@@ -281,8 +288,8 @@ class RecipeArguments {
 
   template <class... Args>
   [[noreturn]] void fail(fmt::format_string<Args...> format, Args&&... args) const {
-    detail::fail<ValueError>("recipe '{}': {}", recipe_,
-                             fmt::format(format, std::forward<Args>(args)...));
+    detail::fail<detail::RecipeValueError>("recipe '{}': {}", recipe_,
+                                           fmt::format(format, std::forward<Args>(args)...));
   }
 
  private:
@@ -679,10 +686,7 @@ struct RecipeOptions<quant::LowRankKeys<>> {
   static constexpr std::array parameters{RecipeParameter{
       "rank", RecipeValue::count, "32", "r: fp16 coefficients per key, 1..256 and ≤ head_dim"}};
   static quant::LowRankKeys<> make(const RecipeArguments& args) {
-    const std::size_t rank = args.count("rank");
-    if (rank == 0 || rank > 256)
-      args.fail("lowrank: rank {} is out of range, expected 1..256", rank);
-    return quant::LowRankKeys<>(rank);
+    return quant::LowRankKeys<>(args.count("rank"));  // the constructor checks the range
   }
 };
 
@@ -691,10 +695,7 @@ struct RecipeOptions<quant::Think<>> {
   static constexpr std::array parameters{RecipeParameter{
       "lambda", RecipeValue::real, "0.4", "λ: the share of key channels pruned, in [0, 1)"}};
   static quant::Think<> make(const RecipeArguments& args) {
-    const double lambda = args.real("lambda");
-    if (!(lambda >= 0.0 && lambda < 1.0))
-      args.fail("think: lambda {} is out of range, expected [0, 1)", lambda);
-    return quant::Think<>(static_cast<float>(lambda));
+    return quant::Think<>(static_cast<float>(args.real("lambda")));  // it checks the range
   }
 };
 
@@ -996,11 +997,12 @@ inline Budget checked_budget(std::string_view value, std::string_view recipe) {
   return Budget::ratio(amount->fraction);
 }
 
-// Runs a policy's constructor checks; their kvc::Error becomes a ValueError naming the recipe.
+// Runs a policy's constructor checks; their kvc::Error (a ValueError too: lowrank's rank,
+// think's lambda) becomes a ValueError naming the recipe.
 inline void validate_policy(const PolicyInfo& info, const RecipeArguments& args) {
   try {
     info.validate(args);
-  } catch (const ValueError&) {
+  } catch (const RecipeValueError&) {
     throw;
   } catch (const Error& error) {
     fail<ValueError>("recipe '{}': {}", args.recipe(), error.what());
@@ -1265,7 +1267,7 @@ ParsedRecipe parse(std::string_view recipe, const Registry& registry) {
   validate_policy(planner_info, planner_args);
   try {
     parsed.budget = scorer_info.budget(scorer_args, spec.budget);
-  } catch (const ValueError&) {
+  } catch (const RecipeValueError&) {
     throw;
   } catch (const Error& error) {
     fail<ValueError>("recipe '{}': {}", recipe, error.what());
